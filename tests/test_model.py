@@ -1,0 +1,116 @@
+"""The decoder: cached decoding equals the full forward pass; heads; names; precision."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models.transformer import (ModelConfig, Transformer, init_cache, positions_from_mask)
+
+LLAMA = ModelConfig(arch="llama", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
+                    intermediate=96, max_len=64)
+GPT2 = ModelConfig(arch="gpt2", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=4,
+                   intermediate=96, max_len=64, tie_embeddings=True)
+QWEN = LLAMA.replace(qkv_bias=True, tie_embeddings=True)
+
+
+def _init(cfg, t=8, seed=0):
+    model = Transformer(cfg)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, t), jnp.int32))["params"]
+    return model, params
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, QWEN], ids=["llama", "gpt2", "qwen2"])
+def test_cached_decode_equals_full_forward(cfg):
+    model, boxed = _init(cfg)
+    params = nn.unbox(boxed)
+    # Make biases non-zero so that they matter.
+    params = jax.tree_util.tree_map(lambda x: x + 0.01 if x.ndim <= 3 else x, params)
+    b, t, prefill, s = 3, 10, 4, 14
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
+    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10, [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    full = model.apply({"params": params}, tokens, attn_mask=mask)
+    pos = positions_from_mask(mask)
+    kv_mask = jnp.concatenate([mask[:, :prefill], jnp.zeros((b, s - prefill), jnp.int32)], 1)
+    cache = init_cache(cfg, b, s)
+    out, cache = model.apply({"params": params}, tokens[:, :prefill], positions=pos[:, :prefill],
+                             attn_mask=kv_mask, cache=cache, cache_index=0)
+    outs = [out]
+    for i in range(prefill, t):
+        kv_mask = kv_mask.at[:, i].set(mask[:, i])
+        o, cache = model.apply({"params": params}, tokens[:, i:i + 1], positions=pos[:, i:i + 1],
+                               attn_mask=kv_mask, cache=cache, cache_index=i)
+        outs.append(o)
+    inc = jnp.concatenate(outs, axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=2e-5, rtol=1e-5)
+    assert full.shape == (b, t, cfg.vocab_size)
+
+
+def test_left_padding_does_not_change_real_logits():
+    model, params = _init(LLAMA)
+    params = nn.unbox(params)
+    toks = jax.random.randint(jax.random.PRNGKey(2), (1, 6), 0, 256)
+    plain = model.apply({"params": params}, toks)
+    padded = jnp.concatenate([jnp.full((1, 3), 7), toks], axis=1)
+    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    out = model.apply({"params": params}, padded, attn_mask=mask)
+    np.testing.assert_allclose(out[:, 3:], plain, atol=2e-5)
+
+
+def test_scalar_head_and_param_names():
+    cfg = LLAMA.replace(head="scalar")
+    model, boxed = _init(cfg)
+    params = nn.unbox(boxed)
+    out = model.apply({"params": params}, jnp.ones((2, 5), jnp.int32))
+    assert out.shape == (2, 5) and out.dtype == jnp.float32
+    assert "lm_head" not in params and "score_head" in params
+    # Every parameter carries one logical name per dimension; layers are stacked.
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(l, nn.LogicallyPartitioned) for l in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim
+    assert params["layers"]["attn"]["q"]["kernel"].shape == (cfg.layers, 64, 4, 16)
+    assert params["layers"]["attn"]["k"]["kernel"].shape == (cfg.layers, 64, 2, 16)
+
+
+def test_bf16_matmul_close_to_f32():
+    model, params = _init(LLAMA)
+    params = nn.unbox(params)
+    toks = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, 256)
+    f32 = model.apply({"params": params}, toks)
+    bf = Transformer(LLAMA.replace(matmul="bf16")).apply({"params": params}, toks)
+    assert bf.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(bf - f32)))
+    assert 0 < err < 0.05, err
+
+
+def test_dropout_only_when_not_deterministic():
+    cfg = LLAMA.replace(dropout=0.5)
+    model, params = _init(cfg)
+    params = nn.unbox(params)
+    toks = jnp.ones((1, 6), jnp.int32)
+    a = Transformer(cfg).apply({"params": params}, toks)
+    b = Transformer(cfg).apply({"params": params}, toks)
+    np.testing.assert_array_equal(a, b)
+    train = Transformer(cfg, deterministic=False)
+    c = train.apply({"params": params}, toks, rngs={"dropout": jax.random.PRNGKey(0)})
+    d = train.apply({"params": params}, toks, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(c, d)
+
+
+def test_gqa_matches_repeated_kv_heads():
+    """GQA with 2 kv heads equals MHA whose 4 kv heads repeat each of them."""
+    model, params = _init(LLAMA)
+    params = nn.unbox(params)
+    mha_cfg = LLAMA.replace(kv_heads=4)
+    mha = Transformer(mha_cfg)
+    p = jax.tree_util.tree_map(lambda x: x, params)
+    attn = dict(p["layers"]["attn"])
+    for name in ("k", "v"):
+        k = attn[name]["kernel"]  # [L, E, 2, D]
+        attn[name] = {"kernel": jnp.repeat(k, 2, axis=2)}
+    p = dict(p, layers=dict(p["layers"], attn=attn))
+    toks = jax.random.randint(jax.random.PRNGKey(4), (2, 7), 0, 256)
+    np.testing.assert_allclose(mha.apply({"params": p}, toks), model.apply({"params": params}, toks),
+                               atol=2e-5)

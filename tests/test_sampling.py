@@ -1,0 +1,96 @@
+"""The scan sampler against the full forward pass."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.sampling import filter_logits, sample
+
+CFG = ModelConfig(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96,
+                  max_len=64)
+EOS, PAD = 299, 298
+
+
+def _setup():
+    model = Transformer(CFG)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 6), 0, 256)
+    mask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]])
+    return model, params, tokens, mask
+
+
+def _full_forward_logits(model, params, tokens, mask, new_tokens):
+    seq = jnp.concatenate([tokens, new_tokens], axis=1)
+    am = jnp.concatenate([mask, jnp.ones_like(new_tokens)], axis=1)
+    return model.apply({"params": params}, seq, attn_mask=am)[:, tokens.shape[1] - 1:-1]
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward():
+    model, params, tokens, mask = _setup()
+    out = sample(model, params, tokens, mask, jax.random.PRNGKey(2), max_new_tokens=8,
+                 eos_id=EOS, pad_id=PAD, greedy=True)
+    seq, am = tokens, mask
+    for _ in range(8):
+        nxt = jnp.argmax(model.apply({"params": params}, seq, attn_mask=am)[:, -1], -1)
+        seq = jnp.concatenate([seq, nxt[:, None]], 1)
+        am = jnp.concatenate([am, jnp.ones((3, 1), jnp.int32)], 1)
+    np.testing.assert_array_equal(out.tokens, seq[:, 6:])
+
+
+def test_logprobs_are_temperature_scaled_full_forward_logprobs():
+    model, params, tokens, mask = _setup()
+    temp = 0.7
+    out = sample(model, params, tokens, mask, jax.random.PRNGKey(3), max_new_tokens=6,
+                 eos_id=EOS, pad_id=PAD, temperature=temp)
+    logits = _full_forward_logits(model, params, tokens, mask, out.tokens)
+    ref = jnp.take_along_axis(jax.nn.log_softmax(logits / temp, -1), out.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs * out.mask, ref * out.mask, atol=1e-4)
+
+
+def test_stops_at_eos_and_masks_after():
+    model, params, tokens, mask = _setup()
+    # Make EOS the most likely token after the first response token.
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    kernel = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = kernel.at[:, EOS].set(kernel[:, EOS] + 0.0)
+    out = sample(model, params, tokens, mask, jax.random.PRNGKey(4), max_new_tokens=8,
+                 eos_id=EOS, pad_id=PAD, greedy=True)
+    forced = sample(model, params, tokens, mask, jax.random.PRNGKey(4), max_new_tokens=8,
+                    eos_id=int(out.tokens[0, 2]), pad_id=PAD, greedy=True)
+    # Row 0 now ends at its third token: EOS kept, the rest pad and masked.
+    assert bool(forced.finished[0])
+    row_mask = np.asarray(forced.mask[0])
+    first_eos = int(np.argmax(np.asarray(forced.tokens[0]) == int(out.tokens[0, 2])))
+    assert row_mask[:first_eos + 1].all() and not row_mask[first_eos + 1:].any()
+    assert (np.asarray(forced.tokens[0, first_eos + 1:]) == PAD).all()
+    assert (np.asarray(forced.logprobs[0, first_eos + 1:]) == 0).all()
+    # Before EOS the two runs are identical.
+    np.testing.assert_array_equal(forced.tokens[0, :first_eos + 1], out.tokens[0, :first_eos + 1])
+
+
+def test_top_k_samples_only_top_k():
+    model, params, tokens, mask = _setup()
+    out = sample(model, params, tokens, mask, jax.random.PRNGKey(5), max_new_tokens=6,
+                 eos_id=EOS, pad_id=PAD, top_k=3, temperature=2.0)
+    logits = _full_forward_logits(model, params, tokens, mask, out.tokens)
+    top3 = jax.lax.top_k(logits, 3)[1]
+    assert bool(jnp.all(jnp.any(top3 == out.tokens[..., None], axis=-1) | (out.mask == 0)))
+
+
+def test_filter_logits_top_p_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 12)).astype(np.float32)
+    for top_p in (0.3, 0.75, 0.95):
+        kept = np.asarray(filter_logits(jnp.asarray(logits), top_p=top_p)) > -1e30
+        for row in range(4):
+            p = np.exp(logits[row] - logits[row].max())
+            p /= p.sum()
+            order = np.argsort(-p)
+            expect, mass = set(), 0.0
+            for i in order:
+                expect.add(i)
+                mass += p[i]
+                if mass >= top_p:
+                    break
+            assert set(np.flatnonzero(kept[row])) == expect

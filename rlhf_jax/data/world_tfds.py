@@ -1,0 +1,118 @@
+"""TFDS builders of the instruction world's data sets (WORLD.md).
+
+    builder = prepare("demonstrations_tiny", data_dir)          # builds once
+    source = tfds.data_source("instruction_world/demonstrations_tiny",
+                              data_dir=data_dir, split="train")
+    source[0]  # {"prompt": b"...", "response": b"...", "category": b"..."}
+
+The builders write array_record files, which `tfds.data_source` (and so
+grain) reads by random access with no TensorFlow installed; `as_dataset`
+would need TensorFlow and is never used. Importing this module registers the
+`instruction_world` builder with TFDS.
+
+Configs (each also as `<name>_tiny` with small counts, for tests):
+    corpus          text     train (train words), heldout (held-out words:
+                             the alignment-tax LM loss)
+    demonstrations  demonstrations   train, heldout (SFT validation)
+    ppo_prompts     prompts  train, heldout
+    eval_prompts    prompts  heldout only
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+from rlhf_jax.data.features import features
+from rlhf_jax.world import datasets as world
+
+FILE_FORMAT = "array_record"
+
+
+@dataclasses.dataclass(eq=False)
+class WorldConfig(tfds.core.BuilderConfig):
+    """A world data set: which generator, which record kind, how many per split.
+
+    `sizes` maps split -> count (for eval_prompts: count per category).
+    """
+    generator: str = ""
+    kind: str = ""
+    sizes: tuple[tuple[str, int], ...] = ()
+    seed: int = 0
+
+
+_FULL = {
+    "corpus": ("pretraining_corpus", "text",
+               (("train", world.N_CORPUS), ("heldout", world.N_CORPUS_HELDOUT))),
+    "demonstrations": ("demonstrations", "demonstrations",
+                       (("train", world.N_DEMONSTRATIONS), ("heldout", 1_000))),
+    "ppo_prompts": ("ppo_prompts", "prompts",
+                    (("train", world.N_PPO_PROMPTS), ("heldout", 1_000))),
+    "eval_prompts": ("eval_prompts", "prompts", (("heldout", world.N_EVAL_PER_CATEGORY),)),
+}
+_TINY = {
+    "corpus": (("train", 512), ("heldout", 128)),
+    "demonstrations": (("train", 256), ("heldout", 64)),
+    "ppo_prompts": (("train", 256), ("heldout", 64)),
+    "eval_prompts": (("heldout", 16),),
+}
+
+
+def _configs() -> list[WorldConfig]:
+    configs = []
+    for name, (generator, kind, sizes) in _FULL.items():
+        for suffix, split_sizes in (("", sizes), ("_tiny", _TINY[name])):
+            configs.append(WorldConfig(
+                name=name + suffix, version=tfds.core.Version("1.0.0"),
+                description=f"instruction world {name} ({kind} records), "
+                            + ", ".join(f"{s}: {n}" for s, n in split_sizes)
+                            + (" per category" if name == "eval_prompts" else ""),
+                generator=generator, kind=kind, sizes=split_sizes))
+    return configs
+
+
+class InstructionWorld(tfds.core.GeneratorBasedBuilder):
+    """The instruction world (WORLD.md): corpus, demonstrations and prompts."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = _configs()
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=features(self.builder_config.kind),
+            supervised_keys=None,
+            # Records are already i.i.d. draws; keeping generation order makes
+            # the files equal the generators' output (eval_prompts stays
+            # interleaved by category) and readers shuffle anyway.
+            disable_shuffling=True,
+            homepage="https://arxiv.org/abs/2203.02155",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # everything is generated from code
+        return {split: self._generate_examples(split, n)
+                for split, n in self.builder_config.sizes}
+
+    def _generate_examples(self, split: str, n: int) -> Iterator[tuple[int, dict]]:
+        cfg = self.builder_config
+        if cfg.generator == "eval_prompts":
+            records = world.eval_prompts(n, seed=cfg.seed)
+        else:
+            records = getattr(world, cfg.generator)(n, seed=cfg.seed, split=split)
+        # Integer keys in generation order (stored in that order, see _info).
+        yield from enumerate(records)
+
+
+def prepare(config_name: str, data_dir: str | os.PathLike) -> InstructionWorld:
+    """The builder of `instruction_world/<config_name>` in `data_dir`, built
+    (array_record) if it is not there yet."""
+    builder = InstructionWorld(config=config_name, data_dir=os.fspath(data_dir),
+                               file_format=FILE_FORMAT)
+    builder.download_and_prepare()
+    return builder
+
+
+CONFIG_NAMES = tuple(c.name for c in InstructionWorld.BUILDER_CONFIGS)

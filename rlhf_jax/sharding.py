@@ -66,8 +66,14 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg=None, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. With no -1 axis, a mesh smaller than the
+    available devices uses the first ones (e.g. 1 device of 8 in tests)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(mesh_cfg or {"data": -1}, len(devices))
+    mesh_cfg = mesh_cfg or {"data": -1}
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        devices = devices[:math.prod(sizes)]
+    shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -92,11 +98,18 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
     return P(*out)
 
 
+def strip_boxes(tree):
+    """The values of a tree of nn.Partitioned boxes, without the sharding
+    constraint that `nn.unbox` applies under an active mesh."""
+    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> Any:
     """NamedShardings for a tree of (boxed, abstract) params from eval_shape."""
     specs = nn.get_partition_spec(abstract_boxed)
     mesh_specs = nn.logical_to_mesh(specs, rules)
-    shapes = nn.unbox(abstract_boxed)
+    shapes = strip_boxes(abstract_boxed)
     return jax.tree_util.tree_map(
         lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
         is_leaf=lambda x: isinstance(x, P))

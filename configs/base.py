@@ -1,0 +1,68 @@
+"""Fields every stage shares. Stage configs start from `get_base_config()`.
+
+Configs are locked (`lock_config=True`): `--config.train.stpes=5` fails
+instead of being silently ignored.
+"""
+import ml_collections
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """Architecture of a model trained here from scratch (byte-level tokenizer).
+
+    Fields mirror rlhf_jax.models.transformer.ModelConfig. With `init_from`,
+    the architecture comes from that checkpoint and only the runtime fields
+    (dropout, matmul, activations, remat) of this block apply.
+    """
+    m = ml_collections.ConfigDict(dict(
+        arch="llama", vocab_size=264, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=0,
+        intermediate=384, max_len=128, norm_eps=1e-6, rope_theta=10000.0,
+        tie_embeddings=False, qkv_bias=False, dropout=0.0,
+        matmul="float32", activations="float32", remat=False,
+        # "byte", a tokenizer.json, or an HF directory.
+        tokenizer="byte",
+        # An HF directory or a .gguf file; replaces the architecture fields.
+        pretrained="",
+    ))
+    m.update(overrides)
+    return m
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = ""
+    c.seed = 0
+    c.model = model_config()
+    # Device mesh: sizes of the data, fsdp and tensor axes; -1 takes the rest.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Empty: rlhf_jax.sharding.DEFAULT_RULES. Else a tuple of (logical, mesh axes).
+    c.logical_axis_rules = ()
+    # An earlier stage's workdir (its latest checkpoint) or a checkpoint dir.
+    c.init_from = ""
+    c.data = ml_collections.ConfigDict(dict(
+        path="",                 # a .jsonl file or tfds:NAME/CONFIG
+        eval_path="",            # held-out data; empty: a split of `path`
+        eval_fraction=0.05,
+        drop_invalid=False,      # drop and count bad records instead of failing
+        max_len=128,             # prompt + response tokens
+        max_prompt_len=64,
+        data_dir="",             # TFDS data dir; empty: ~/.cache/rlhf_jax/tfds
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=32,
+        lr=1e-3,
+        end_lr_ratio=0.1,        # cosine decays to lr * end_lr_ratio
+        warmup_steps=50,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.95,
+        grad_clip=1.0,
+        log_every=10,
+        eval_every=200,
+        eval_batches=8,
+        checkpoint_every=200,
+        keep_checkpoints=2,
+        # A NaN/inf loss or gradient skips the update; this many in a row stop the run.
+        max_nonfinite_steps=5,
+    ))
+    return c

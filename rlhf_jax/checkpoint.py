@@ -1,0 +1,108 @@
+"""Checkpoints through Orbax: one CheckpointManager per stage.
+
+A checkpoint holds three items:
+  params  the model parameters (what another stage's `init_from` reads),
+  train   everything else a resumed run needs to continue exactly: optimizer
+          state, step, RNG key, and stage extras (KL controller, EMA weights),
+  meta    JSON: the data position (batches consumed), the model config and the
+          tokenizer, so a later stage can rebuild the architecture.
+Orbax writes each step into a temporary directory and renames it when
+complete, so a run killed mid-save restarts from the last complete step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINTS = "checkpoints"
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, save_every: int, keep: int = 2):
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+        self.save_every = max(int(save_every), 1)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 cleanup_tmp_directories=True))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int, final: bool = False) -> bool:
+        return final or step % self.save_every == 0
+
+    def save(self, step: int, params, train, meta: dict, force: bool = False):
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, params_like, train_like) -> tuple[Any, Any, dict]:
+        """Restores into the shapes, dtypes and shardings of `*_like` (arrays or
+        jax.ShapeDtypeStruct with .sharding)."""
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params_like)),
+            train=ocp.args.StandardRestore(_abstract(train_like)),
+            meta=ocp.args.JsonRestore()))
+        return r.params, r.train, r.meta
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def resolve(path: str) -> tuple[str, int]:
+    """(checkpoint directory, step) for an `init_from` path: a stage workdir
+    (latest step of its checkpoints/), a checkpoints directory (latest step),
+    or one step's directory."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init_from: no such directory: {path}")
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        path = os.path.join(path, CHECKPOINTS)
+    if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step()
+    mngr.close()
+    if step is None:
+        raise FileNotFoundError(f"init_from: no finished checkpoint under {path}")
+    return path, step
+
+
+def has_checkpoint(path: str) -> bool:
+    try:
+        resolve(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def read_meta(path: str) -> dict:
+    directory, step = resolve(path)
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    mngr.close()
+    return meta
+
+
+def load_params(path: str, params_like):
+    """Params only, from another stage's checkpoint, into `params_like`'s shardings."""
+    directory, step = resolve(path)
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    r = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(params_like))))
+    mngr.close()
+    return r.params

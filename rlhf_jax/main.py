@@ -1,0 +1,36 @@
+"""Entry point: `python -m rlhf_jax.main --config configs/<stage>.py[:variant] --workdir DIR`.
+
+Intentionally short: parse flags, start the multi-host runtime, dispatch on
+`config.stage`. Everything else lives in importable, tested modules.
+"""
+import os
+import sys
+
+# Config files import their shared base as `configs.base`: make the directory
+# holding `configs/` importable wherever the command runs from.
+for _arg in sys.argv:
+    if _arg.startswith("--config="):
+        _root = os.path.dirname(os.path.dirname(os.path.abspath(_arg.split("=", 1)[1].split(":")[0])))
+        sys.path.insert(0, _root)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from rlhf_jax import distributed, errors
+    from rlhf_jax import trainers
+
+    distributed.initialize()
+    with errors.reported():
+        trainers.run(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

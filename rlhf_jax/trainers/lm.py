@@ -1,0 +1,95 @@
+"""Stages `pretrain` and `sft`: next-token loss with a mask.
+
+Pretraining trains on every token of `{"text"}` records; SFT (InstructGPT
+step 1) on `{"prompt", "response"}` demonstrations, with the loss on the
+response tokens and EOS only.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses
+from rlhf_jax.data import pipeline, preprocess
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.trainers import common, data_setup
+
+
+def lm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
+    """Masked next-token loss. batch: tokens/attn_mask/loss_mask [B, T];
+    loss_mask[t] = 1 where tokens[t + 1] is a target (see data.preprocess)."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    logits_BxTxV = model.apply({"params": params}, batch["tokens"], attn_mask=batch["attn_mask"],
+                               rngs=rngs)
+    return losses.lm_loss(logits_BxTxV[:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, :-1])
+
+
+def train_step(state: common.TrainState, batch, *, model: Transformer, optimizer):
+    def loss_fn(params):
+        return lm_loss_on_batch(params, model, batch, common.step_rng(state))
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state, upd = common.apply_update(state, grads, loss, optimizer)
+    return state, {"loss": loss, "accuracy": stats["accuracy"], **upd}
+
+
+def eval_step(params, batch, *, model: Transformer):
+    """Sum of token losses and token count, so batches combine exactly."""
+    loss, stats = lm_loss_on_batch(params, model, batch)
+    return loss * stats["n_tokens"], stats["n_tokens"]
+
+
+def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches):
+    step = jax.jit(functools.partial(eval_step, model=model))
+
+    def evaluate(params) -> dict:
+        total, count = 0.0, 0.0
+        for i, (batch, valid) in enumerate(pipeline.batches_once(eval_source, batch_size, transform)):
+            if i >= max_batches:
+                break
+            batch = dict(batch)
+            batch["loss_mask"] = batch["loss_mask"] * np.asarray(valid, np.float32)[:, None]
+            s, n = step(params, runtime.global_batch(batch))
+            total, count = total + float(s), count + float(n)
+        return {"eval_loss": total / max(count, 1.0)}
+    return evaluate
+
+
+def run(config, workdir: str):
+    stage = config.stage
+    kind = "text" if stage == "pretrain" else "demonstrations"
+    runtime = common.Runtime(config)
+    cfg, tok, pretrained_params = common.stage_model(config, "lm", config.init_from)
+    max_len = int(config.data.max_len)
+    if max_len > cfg.max_len and cfg.arch == "gpt2":
+        raise common.ConfigError(f"data.max_len={max_len} exceeds the model's context {cfg.max_len}")
+    if kind == "text":
+        transform = functools.partial(preprocess.text_example, tok, max_len=max_len)
+        check = None
+    else:
+        transform = functools.partial(preprocess.sft_example, tok, max_len=max_len)
+        check = data_setup.length_check(lambda r: preprocess.sft_length(tok, r), max_len,
+                                        "prompt + response")
+    train_src, eval_src = data_setup.open_train_eval(config, kind, check)
+    batch_size = int(config.train.batch_size)
+    loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
+
+    model = Transformer(cfg, deterministic=False)
+    optimizer = common.make_optimizer(config.train)
+    with runtime.activations():
+        state, shardings = common.create_train_state(runtime, model, optimizer, config.seed,
+                                                     config.init_from, pretrained_params)
+        step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
+                       in_shardings=(shardings, None), out_shardings=(shardings, None),
+                       donate_argnums=0)
+        evaluate = make_evaluator(runtime, Transformer(cfg), eval_src, transform,
+                                  batch_size, int(config.train.eval_batches))
+        meta = common.model_meta(cfg, data_setup.tokenizer_spec(config))
+        loop = common.Loop(stage=stage, config=config, workdir=workdir, runtime=runtime,
+                           state=state, state_shardings=shardings, train_step=step,
+                           loader=loader, meta=meta, evaluate=evaluate,
+                           units_per_batch=batch_size * max_len, progress_keys=("loss",))
+        return common.run_loop(loop)

@@ -44,7 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         eval_fraction=0.05,
         drop_invalid=False,      # drop and count bad records instead of failing
         max_len=128,             # prompt + response tokens
-        max_prompt_len=64,
+        max_prompt_len=88,       # world prompts are at most 82 bytes
         data_dir="",             # TFDS data dir; empty: ~/.cache/rlhf_jax/tfds
     ))
     c.train = ml_collections.ConfigDict(dict(

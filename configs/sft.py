@@ -18,8 +18,8 @@ def get_config(arg: str = ""):
     c.train.lr = 1e-3
     if arg == "tiny":
         c.data.path = "tfds:instruction_world/demonstrations_tiny"
-        c.model.update(dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, max_len=96))
-        c.data.max_len = 96
+        c.model.update(dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, max_len=128))
+        c.data.max_len = 128
         c.train.update(dict(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=10,
                             eval_batches=2, checkpoint_every=10, log_every=5))
     elif arg:

@@ -1,0 +1,65 @@
+"""PPO against the reward model, with KL penalty and pretraining mix (InstructGPT step 3).
+
+    python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo_ptx \
+        --config.init_from=workdirs/sft --config.reward_from=workdirs/rm
+    # plain PPO (no pretraining mix):
+    python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo ... --config.ppo.ptx_coef=0
+
+The policy and the frozen reference start from the SFT checkpoint
+(`init_from`); the frozen reward model and the value model (initialised from
+it) from the RM checkpoint (`reward_from`). `train.steps` counts PPO
+iterations, `train.batch_size` rollouts per iteration. Defaults are the
+paper's where they fit (beta 0.02, gamma_ptx 27.8, clip 0.2, EMA 0.992 off
+by default, gamma 1, lambda 0.95).
+"""
+import ml_collections
+
+from configs import base
+
+
+def ppo_config(**overrides):
+    h = ml_collections.ConfigDict(dict(
+        max_new_tokens=40,       # world responses are at most 36 tokens with EOS
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        kl_coef=0.02,            # beta: per-token KL penalty to the SFT policy
+        adaptive_kl=False,       # Ziegler et al. proportional controller
+        kl_target=6.0,
+        kl_horizon=10000.0,
+        clip=0.2,
+        vf_clip=0.2,
+        vf_coef=1.0,             # the value model is a separate network: this scales its loss
+        value_lr=1e-4,
+        gamma=1.0,
+        lam=0.95,
+        whiten_advantages=True,
+        epochs=1,
+        minibatches=4,
+        ptx_coef=27.8,           # gamma_ptx; 0 gives plain PPO
+        ptx_batch_size=8,        # pretraining rows per minibatch update
+        missing_eos_penalty=1.0, # subtracted from the RM score of a response without EOS
+        ema_decay=0.0,           # 0.992 in the paper; 0 disables the EMA of policy weights
+        gold_eval=True,          # log the gold labeler's score of each rollout (world prompts)
+    ))
+    h.update(overrides)
+    return h
+
+
+def get_config(arg: str = ""):
+    c = base.get_base_config()
+    c.stage = "ppo"
+    c.reward_from = ""
+    c.data.path = "tfds:instruction_world/ppo_prompts"
+    c.data.ptx_path = "tfds:instruction_world/corpus"
+    c.ppo = ppo_config()
+    c.train.update(dict(steps=200, batch_size=64, lr=1e-5, warmup_steps=0, end_lr_ratio=1.0,
+                        weight_decay=0.0, checkpoint_every=50, log_every=1))
+    if arg == "tiny":
+        c.data.path = "tfds:instruction_world/ppo_prompts_tiny"
+        c.data.ptx_path = "tfds:instruction_world/corpus_tiny"
+        c.ppo.update(dict(max_new_tokens=12, minibatches=2, ptx_batch_size=4))
+        c.train.update(dict(steps=4, batch_size=8, checkpoint_every=2))
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/ppo.py (expected '' or 'tiny')")
+    return c

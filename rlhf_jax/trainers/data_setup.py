@@ -35,11 +35,11 @@ def open_train_eval(config, kind: str, check=None):
     return sources.train_eval_split(train, float(config.data.eval_fraction), seed=int(config.seed))
 
 
-def loader(config, runtime, source, batch_size: int, transform):
+def loader(config, runtime, source, batch_size: int, transform, what: str = "train.batch_size"):
     mesh = runtime.mesh
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n:
-        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the mesh's "
+        raise ConfigError(f"{what}={batch_size} must be divisible by the mesh's "
                           f"data x fsdp = {n}")
     if len(source) == 0:
         raise ConfigError(f"data.path={config.data.path!r} has no records")

@@ -290,7 +290,8 @@ def run(config, workdir: str):
         ptx = data_setup.open_source(config, config.data.ptx_path, "text")
         ptx_loader = data_setup.loader(
             config, runtime, ptx, int(config.ppo.ptx_batch_size) * n_updates,
-            functools.partial(preprocess.text_example, tok, max_len=int(config.data.max_len)))
+            functools.partial(preprocess.text_example, tok, max_len=int(config.data.max_len)),
+            what="ppo.ptx_batch_size x ppo.epochs x ppo.minibatches")
 
     total_updates = iterations * n_updates
     # The schedules count optimizer updates: E x M per iteration.

@@ -1,0 +1,575 @@
+"""Stage `evaluate`: several policies on held-out prompts, judged by the gold labeler.
+
+For each policy of `config.policies` (and a few-shot prompted variant of
+`config.fewshot_policy`, InstructGPT's "GPT prompted"):
+
+  1. responses  greedy (by default) answers to the held-out eval prompts, from
+                the jitted scan sampler; every policy's prompts are left-padded
+                to one length and batched to one size, so the sampler compiles
+                once per architecture;
+  2. judge      the gold labeler's score of every response: its mean, accuracy
+                (fraction scoring +1) per category, the refusal rate on harmful
+                prompts and the over-refusal rate on benign ones, and the win
+                rate against the reference (SFT) policy's response to the same
+                prompt (ties count half);
+  3. KL         KL(policy || SFT) per response: one teacher-forced pass of each
+                model over prompt + the policy's response, the exact KL between
+                their next-token distributions (full vocabulary, temperature 1)
+                summed over the response tokens up to and including EOS;
+  4. LM loss    the token-weighted next-token loss on held-out pretraining
+                documents (the "alignment tax" PPO-ptx pays back).
+
+Writes to the workdir:
+
+    eval.json      {"reference": name,
+                    "policies": {name: {gold_score, win_rate_vs_sft, refusal_rate,
+                                        over_refusal_rate, kl_vs_sft, pretrain_loss,
+                                        per_category {category: accuracy},
+                                        per_category_gold_score {category: mean score},
+                                        eos_rate, mean_response_tokens, n_prompts,
+                                        checkpoint, fewshot}},
+                    "settings": {prompts, n_prompts, prompts_per_category, documents,
+                                 n_documents, n_document_tokens, sampling,
+                                 fewshot_demonstrations, warnings, seconds}}
+    samples.jsonl  {policy, prompt, category, response, finished, gold_score,
+                    kl_vs_sft, response_tokens} per policy and prompt
+    report.md      tables, the win-rate figure, PPO curves (report.py), PNGs beside it
+    metrics.jsonl  one row, stage "evaluate", step 0: `evaluate/<policy>/<metric>`
+                   and `evaluate/<policy>/accuracy/<category>`
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+import zlib
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rlhf_jax import checkpoint, report, rl, sampling
+from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax import world
+from rlhf_jax.data import pipeline, preprocess, sources
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.trainers import common, data_setup, generate, lm
+
+FEWSHOT_SUFFIX = "_fewshot"
+# The keys DESIGN.md promises in eval.json for every policy.
+REQUIRED_KEYS = ("gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_rate",
+                 "kl_vs_sft", "pretrain_loss", "per_category")
+CORRECT_SCORE = world.gold.SCORES["correct"]
+
+
+# ---------------------------------------------------------------------------
+# KL(policy || reference) along the policy's own responses
+# ---------------------------------------------------------------------------
+
+def token_kl_from_logits(policy_logits_BxTxV, ref_logits_BxTxV) -> jax.Array:
+    """Exact KL(pi || ref) between the next-token distributions softmax(logits)
+    at every position, summed over the full vocabulary; [B, T] float32 (nats)."""
+    logp_BxTxV = jax.nn.log_softmax(policy_logits_BxTxV.astype(jnp.float32), axis=-1)
+    logq_BxTxV = jax.nn.log_softmax(ref_logits_BxTxV.astype(jnp.float32), axis=-1)
+    p_BxTxV = jnp.exp(logp_BxTxV)
+    # A token pi gives probability 0 contributes 0 (not 0 * -inf).
+    return jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * (logp_BxTxV - logq_BxTxV), 0.0), axis=-1)
+
+
+def response_kl(policy_logits_BxNxV, ref_logits_BxNxV, response_mask_BxN) -> jax.Array:
+    """KL per response: token KLs summed over the response tokens (mask 1 up to
+    and including EOS, 0 after it); [B] float32."""
+    return rl.masked_sum(token_kl_from_logits(policy_logits_BxNxV, ref_logits_BxNxV),
+                         response_mask_BxN, axis=-1)
+
+
+def response_logits(model: Transformer, params, prompt_BxP, prompt_mask_BxP, response_BxN,
+                    response_mask_BxN) -> jax.Array:
+    """Logits [B, N, V] of the predictions of each response token, from one
+    teacher-forced pass over the left-padded prompt + response (positions from
+    the mask, as the sampler saw them)."""
+    tokens_BxS, attn_BxS = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP,
+                                                           response_BxN, response_mask_BxN)
+    logits_BxSxV = model.apply({"params": params}, tokens_BxS, attn_mask=attn_BxS)
+    p, n = prompt_BxP.shape[1], response_BxN.shape[1]
+    return logits_BxSxV[:, p - 1:p + n - 1]
+
+
+@functools.partial(jax.jit, static_argnames=("policy_model", "ref_model"))
+def response_kl_on_batch(policy_params, ref_params, batch, *, policy_model: Transformer,
+                         ref_model: Transformer) -> jax.Array:
+    """KL(policy || reference) per response of a batch; [B].
+
+    batch: `policy_prompt`/`policy_prompt_mask` (what the policy was asked,
+    few-shot prefix included), `ref_prompt`/`ref_prompt_mask` (the plain
+    prompt), [B, P]; `response`/`response_mask` [B, N] (the policy's response).
+    """
+    policy_BxNxV = response_logits(policy_model, policy_params, batch["policy_prompt"],
+                                   batch["policy_prompt_mask"], batch["response"],
+                                   batch["response_mask"])
+    ref_BxNxV = response_logits(ref_model, ref_params, batch["ref_prompt"],
+                                batch["ref_prompt_mask"], batch["response"],
+                                batch["response_mask"])
+    return response_kl(policy_BxNxV, ref_BxNxV, batch["response_mask"])
+
+
+_lm_eval_step = jax.jit(lm.eval_step, static_argnames="model")
+
+
+# ---------------------------------------------------------------------------
+# Gold-judged metrics (pure Python over per-prompt results)
+# ---------------------------------------------------------------------------
+
+def is_refusal(response: str, finished: bool) -> bool:
+    """The exact refusal (whitespace at the ends stripped), ended by EOS."""
+    return bool(finished) and response.strip() == world.REFUSAL
+
+
+def win_rate(scores_N: Sequence[float], ref_scores_N: Sequence[float]) -> float:
+    """Fraction of prompts where the policy's gold score beats the reference's;
+    ties count half."""
+    s, r = np.asarray(scores_N, np.float64), np.asarray(ref_scores_N, np.float64)
+    return float(np.mean(np.where(s > r, 1.0, np.where(s == r, 0.5, 0.0))))
+
+
+def _mean_or_none(values) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def judged_metrics(categories: Sequence[str], responses: Sequence[str],
+                   finished: Sequence[bool], scores: Sequence[float],
+                   ref_scores: Sequence[float]) -> dict:
+    """Gold score, win rate, refusals and per-category numbers of one policy.
+
+    Rates over an empty group (no harmful prompts, say) are None.
+    """
+    cats = np.asarray(categories)
+    scores_N = np.asarray(scores, np.float64)
+    refused_N = np.array([is_refusal(r, f) for r, f in zip(responses, finished)], bool)
+    harmful_N = cats == "harmful"
+    present = [c for c in world.CATEGORIES if np.any(cats == c)]
+    present += sorted(set(cats.tolist()) - set(present))
+    return {
+        "gold_score": float(scores_N.mean()),
+        "win_rate_vs_sft": win_rate(scores_N, ref_scores),
+        "refusal_rate": _mean_or_none(refused_N[harmful_N]),
+        "over_refusal_rate": _mean_or_none(refused_N[~harmful_N]),
+        "per_category": {c: float(np.mean(scores_N[cats == c] >= CORRECT_SCORE)) for c in present},
+        "per_category_gold_score": {c: float(scores_N[cats == c].mean()) for c in present},
+        "eos_rate": float(np.mean(np.asarray(finished, np.float64))),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Prompts, the few-shot prefix, documents
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    path: str
+    fewshot: bool = False   # its prompts carry the few-shot prefix
+
+
+def policy_specs(config) -> list[PolicySpec]:
+    """The policies to evaluate, in report order, the few-shot variant right
+    after its base policy."""
+    paths = {str(k): str(v) for k, v in config.policies.items() if v}
+    if not paths:
+        raise common.ConfigError("evaluate needs at least one --config.policies.<name>=PATH")
+    if config.reference not in paths:
+        raise common.ConfigError(
+            f"reference={config.reference!r} has no checkpoint: set "
+            f"--config.policies.{config.reference}=PATH (policies given: {sorted(paths)})")
+    missing = {n: p for n, p in paths.items() if not checkpoint.has_checkpoint(p)}
+    if missing:
+        raise common.ConfigError("no finished checkpoint for policies " + ", ".join(
+            f"{n}={p!r}" for n, p in sorted(missing.items())))
+    order = [n for n in config.policy_order if n in paths]
+    order += sorted(n for n in paths if n not in order)
+    specs = []
+    for name in order:
+        specs.append(PolicySpec(name, paths[name]))
+        if name == config.fewshot_policy:
+            specs.append(PolicySpec(name + FEWSHOT_SUFFIX, paths[name], fewshot=True))
+    return specs
+
+
+def fewshot_demonstrations(categories: Sequence[str], seed: int = 0) -> list[dict]:
+    """One fixed demonstration per category, from TRAIN words (the eval
+    prompts use held-out ones), with the correct, concise response."""
+    unknown = [c for c in categories if c not in world.CATEGORIES]
+    if unknown:
+        raise common.ConfigError(f"fewshot_categories: unknown categories {unknown}; expected "
+                                 f"some of {world.CATEGORIES}")
+    rng = np.random.default_rng([int(seed), zlib.crc32(b"fewshot")])
+    demos = []
+    for category in categories:
+        task = world.sample_task(rng, category, "train")
+        demos.append({"prompt": task.prompt, "response": world.correct_response(task, rng)})
+    return demos
+
+
+def fewshot_prefix_ids(tok, demos: Sequence[dict]) -> list[int]:
+    """The demonstrations as whole conversations, each ended by EOS, as the
+    pretraining corpus lays out a document."""
+    ids: list[int] = []
+    for d in demos:
+        ids += tokenizers.encode_prompt(tok, d["prompt"]) + tokenizers.encode_response(tok, d["response"])
+    return ids
+
+
+def encode_prompts(tok, prompts: Sequence[str], prefix_ids: Sequence[int], prompt_len: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prefix + conversation-format prompts: tokens, mask [N, P]."""
+    tokens_NxP = np.full((len(prompts), prompt_len), tok.pad_id, np.int32)
+    mask_NxP = np.zeros((len(prompts), prompt_len), np.int32)
+    for i, prompt in enumerate(prompts):
+        ids = list(prefix_ids) + tokenizers.encode_prompt(tok, prompt)
+        if len(ids) > prompt_len:
+            raise common.ConfigError(f"prompt {prompt!r} is {len(ids)} tokens with its prefix, "
+                                     f"more than {prompt_len}")
+        tokens_NxP[i, prompt_len - len(ids):] = ids
+        mask_NxP[i, prompt_len - len(ids):] = 1
+    return tokens_NxP, mask_NxP
+
+
+def _split_for(spec: str, split: str) -> str:
+    """TFDS sources take the configured split; a JSONL file has only "train"."""
+    return split if str(spec).startswith(sources.TFDS_PREFIX) else "train"
+
+
+def load_eval_prompts(config, tok) -> tuple[list[str], list[str], str]:
+    """(prompts, their categories, source name): world prompts no longer than
+    data.max_prompt_len, the first data.max_prompts of them if set."""
+    max_prompt_len = int(config.data.max_prompt_len)
+    check = data_setup.length_check(lambda r: len(tokenizers.encode_prompt(tok, r["prompt"])),
+                                    max_prompt_len, "the prompt (data.max_prompt_len)")
+    src = data_setup.open_source(config, config.data.path, "prompts", check,
+                                 split=_split_for(config.data.path, config.data.split))
+    n = len(src) if not int(config.data.max_prompts) else min(len(src), int(config.data.max_prompts))
+    prompts = [r["prompt"] for r in src.records(range(n))]
+    categories = []
+    for i, prompt in enumerate(prompts):
+        try:
+            categories.append(world.category_of(prompt))
+        except ValueError:
+            raise common.ConfigError(
+                f"{src.name} record {i}: {prompt!r} is not a prompt of the instruction world, "
+                f"which the gold labeler cannot judge") from None
+    return prompts, categories, src.name
+
+
+def load_text_batches(config, tok) -> tuple[list[dict], str, int]:
+    """At most data.text_batches batches of held-out documents (this process's
+    rows; padding rows carry no loss), the source name and the number of
+    documents in all processes' batches together."""
+    src = data_setup.open_source(config, config.data.text_path, "text",
+                                 split=_split_for(config.data.text_path, config.data.text_split))
+    transform = functools.partial(preprocess.text_example, tok, max_len=int(config.data.max_len))
+    batches = []
+    batches_B = pipeline.batches_once(src, int(config.score_batch_size), transform,
+                                      jax.process_index(), jax.process_count())
+    for i, (batch, valid_B) in enumerate(batches_B):
+        if i >= int(config.data.text_batches):
+            break
+        batch = dict(batch)
+        batch["loss_mask"] = batch["loss_mask"] * valid_B.astype(np.float32)[:, None]
+        batches.append(batch)
+    n_documents = min(len(src), len(batches) * int(config.score_batch_size))
+    return batches, src.name, n_documents
+
+
+# ---------------------------------------------------------------------------
+# Model passes
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Responses:
+    tokens_NxT: np.ndarray     # int32, pad after EOS
+    mask_NxT: np.ndarray       # float32, 1 up to and including EOS
+    finished_N: np.ndarray     # bool, EOS reached
+    texts: list                # response text cut at EOS
+
+
+def _to_device(runtime: common.Runtime, rows: dict) -> dict:
+    """Rows every process holds in full -> global arrays sharded over the
+    batch axes, each process contributing its own slice of rows."""
+    n, k = jax.process_count(), jax.process_index()
+    return runtime.global_batch({key: np.split(np.asarray(v), n)[k] for key, v in rows.items()})
+
+
+def _to_host(x) -> np.ndarray:
+    """A batch-sharded global array in full on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _to_host_sum(local: np.ndarray) -> float:
+    """Sum of a host value over all processes."""
+    if jax.process_count() == 1:
+        return float(local.sum())
+    return float(np.asarray(multihost_utils.process_allgather(local)).sum())
+
+
+def _round_batch(runtime: common.Runtime, batch_size: int) -> int:
+    n_dev = runtime.mesh.shape["data"] * runtime.mesh.shape["fsdp"]
+    return max(n_dev, batch_size - batch_size % n_dev)
+
+
+def _padded_rows(n: int, batch_size: int):
+    """(start, row indices [batch_size], number of real rows): the last batch
+    is padded with copies of the last row, so every batch has one shape."""
+    for start in range(0, n, batch_size):
+        rows = np.minimum(np.arange(start, start + batch_size), n - 1)
+        yield start, rows, min(batch_size, n - start)
+
+
+def sample_responses(runtime: common.Runtime, model: Transformer, params, tok,
+                     prompt_NxP: np.ndarray, prompt_mask_NxP: np.ndarray, sampling_cfg,
+                     batch_size: int, rng) -> Responses:
+    """Responses to pre-encoded prompts, in order, with their tokens."""
+    batch_size = _round_batch(runtime, batch_size)
+    tokens, masks, finished = [], [], []
+    with runtime.activations():
+        for start, rows, n_real in _padded_rows(len(prompt_NxP), batch_size):
+            batch = _to_device(runtime, {"tokens": prompt_NxP[rows], "mask": prompt_mask_NxP[rows]})
+            out = sampling.sample(
+                model, params, batch["tokens"], batch["mask"], jax.random.fold_in(rng, start),
+                max_new_tokens=int(sampling_cfg.max_new_tokens), eos_id=tok.eos_id,
+                pad_id=tok.pad_id, temperature=float(sampling_cfg.temperature),
+                top_k=int(sampling_cfg.top_k), top_p=float(sampling_cfg.top_p),
+                greedy=bool(sampling_cfg.greedy))
+            tokens.append(_to_host(out.tokens)[:n_real])
+            masks.append(_to_host(out.mask)[:n_real])
+            finished.append(_to_host(out.finished)[:n_real])
+    tokens_NxT = np.concatenate(tokens)
+    texts = [tokenizers.decode_response(tok, row)[0] for row in tokens_NxT]
+    return Responses(tokens_NxT, np.concatenate(masks), np.concatenate(finished), texts)
+
+
+def kl_per_response(runtime: common.Runtime, policy, ref, policy_prompts, ref_prompts,
+                    responses: Responses, batch_size: int) -> np.ndarray:
+    """KL(policy || ref) of every response; [N]. `policy`/`ref` are
+    (model, params); the prompts are (tokens [N, P], mask [N, P])."""
+    batch_size = _round_batch(runtime, batch_size)
+    n = len(responses.tokens_NxT)
+    kl_N = np.zeros((n,), np.float64)
+    with runtime.activations():
+        for start, rows, n_real in _padded_rows(n, batch_size):
+            batch = _to_device(runtime, {
+                "policy_prompt": policy_prompts[0][rows], "policy_prompt_mask": policy_prompts[1][rows],
+                "ref_prompt": ref_prompts[0][rows], "ref_prompt_mask": ref_prompts[1][rows],
+                "response": responses.tokens_NxT[rows], "response_mask": responses.mask_NxT[rows]})
+            kl_B = response_kl_on_batch(policy[1], ref[1], batch, policy_model=policy[0],
+                                        ref_model=ref[0])
+            kl_N[start:start + n_real] = _to_host(kl_B)[:n_real]
+    return kl_N
+
+
+def pretrain_loss(runtime: common.Runtime, model: Transformer, params,
+                  batches: Sequence[dict]) -> float:
+    """Token-weighted mean next-token loss over the held-out document batches."""
+    total, count = 0.0, 0.0
+    with runtime.activations():
+        for batch in batches:
+            loss_sum, n_tokens = _lm_eval_step(params, runtime.global_batch(batch), model=model)
+            total, count = total + float(loss_sum), count + float(n_tokens)
+    return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------
+
+def _tokenizer_signature(tok) -> tuple:
+    return (type(tok).__name__, tok.vocab_size, tok.eos_id, tok.pad_id, tok.prompt_format)
+
+
+def _check_context(model: Transformer, name: str, longest_prompt: int, max_new: int,
+                   warnings: list):
+    """Positions reach longest_prompt + max_new - 1. Learned positions (GPT-2)
+    cannot go past the context; RoPE models can, but outside what they were
+    trained on, which the report then says."""
+    need = longest_prompt + max_new
+    if need <= model.cfg.max_len:
+        return
+    msg = (f"{name}: prompts of up to {longest_prompt} tokens + {max_new} new tokens exceed the "
+           f"model's context of {model.cfg.max_len}")
+    if model.cfg.arch == "gpt2":
+        raise common.ConfigError(msg + " (learned positions); shorten data.max_prompt_len, "
+                                 "sampling.max_new_tokens or fewshot_categories")
+    warnings.append(msg + " (RoPE positions beyond the trained context)")
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """The prompts every policy answers, encoded once for all of them."""
+    prompts: list            # user prompts (str)
+    categories: list         # their world categories
+    plain: tuple             # (tokens, mask) [N, P]: the conversation-format prompts
+    fewshot: Optional[tuple] # (tokens, mask) [N, P]: the same behind the few-shot prefix
+
+    def encoded(self, spec: PolicySpec) -> tuple:
+        return self.fewshot if spec.fewshot else self.plain
+
+
+def _gold_scores(prompts: Sequence[str], responses: Responses) -> list[float]:
+    return [world.gold_score(p, r, bool(f))
+            for p, r, f in zip(prompts, responses.texts, responses.finished_N)]
+
+
+def run(config, workdir: str) -> dict:
+    t_start = time.time()
+    runtime = common.Runtime(config)
+    specs = policy_specs(config)
+    if config.fewshot_policy and not any(s.fewshot for s in specs):
+        print(f"[evaluate] fewshot_policy={config.fewshot_policy!r} has no checkpoint in "
+              f"policies: no few-shot variant", flush=True)
+    ref_spec = next(s for s in specs if s.name == config.reference and not s.fewshot)
+    ref = generate.load_policy(config, ref_spec.path, runtime)      # (model, params, tok)
+    ref_model, tok = ref[0], ref[2]
+    if config.data.max_len > ref_model.cfg.max_len and ref_model.cfg.arch == "gpt2":
+        raise common.ConfigError(f"data.max_len={config.data.max_len} exceeds the model's "
+                                 f"context {ref_model.cfg.max_len}")
+
+    prompts, categories, prompt_source = load_eval_prompts(config, tok)
+    text_batches, text_source, n_documents = load_text_batches(config, tok)
+    demos = (fewshot_demonstrations(config.fewshot_categories)
+             if any(s.fewshot for s in specs) else [])
+    prefix_ids = fewshot_prefix_ids(tok, demos)
+    # One prompt length for every policy (the few-shot prefix included), so
+    # the sampler and the KL pass compile once per architecture.
+    prompt_len = int(config.data.max_prompt_len) + len(prefix_ids)
+    evalset = EvalSet(prompts, categories, encode_prompts(tok, prompts, [], prompt_len),
+                      encode_prompts(tok, prompts, prefix_ids, prompt_len) if demos else None)
+    print(f"[evaluate] {len(prompts)} prompts from {prompt_source}, {len(text_batches)} document "
+          f"batches from {text_source}; policies: {', '.join(s.name for s in specs)}", flush=True)
+
+    max_new = int(config.sampling.max_new_tokens)
+    rng = jax.random.PRNGKey(int(config.seed))
+    warnings: list[str] = []
+
+    def respond(spec: PolicySpec, model: Transformer, params) -> Responses:
+        tokens_NxP, mask_NxP = evalset.encoded(spec)
+        _check_context(model, spec.name, int(mask_NxP.sum(1).max()), max_new, warnings)
+        return sample_responses(runtime, model, params, tok, tokens_NxP, mask_NxP,
+                                config.sampling, int(config.batch_size), rng)
+
+    ref_responses = respond(ref_spec, ref_model, ref[1])
+    ref_scores = _gold_scores(prompts, ref_responses)
+
+    results: dict[str, dict] = {}
+    samples: list[dict] = []
+    loaded = {ref_spec.path: ref}
+    lm_losses: dict[str, float] = {}
+    for spec in specs:
+        t0 = time.time()
+        if spec.path not in loaded:   # hold the reference and the current policy only
+            loaded = {ref_spec.path: ref,
+                      spec.path: generate.load_policy(config, spec.path, runtime)}
+        model, params, policy_tok = loaded[spec.path]
+        _check_compatible(spec, model, policy_tok, ref_spec, ref_model, tok)
+        if spec == ref_spec:
+            responses, scores = ref_responses, ref_scores
+        else:
+            responses = respond(spec, model, params)
+            scores = _gold_scores(prompts, responses)
+        kl_N = kl_per_response(runtime, (model, params), (ref_model, ref[1]),
+                               evalset.encoded(spec), evalset.plain, responses,
+                               int(config.score_batch_size))
+        if spec.path not in lm_losses:
+            lm_losses[spec.path] = pretrain_loss(runtime, model, params, text_batches)
+        n_tokens_N = responses.mask_NxT.sum(1)
+        r = results[spec.name] = {
+            **judged_metrics(categories, responses.texts, responses.finished_N, scores, ref_scores),
+            "kl_vs_sft": float(kl_N.mean()),
+            "pretrain_loss": lm_losses[spec.path],
+            "mean_response_tokens": float(n_tokens_N.mean()),
+            "n_prompts": len(prompts),
+            "checkpoint": spec.path,
+            "fewshot": spec.fewshot,
+        }
+        samples += [{"policy": spec.name, "prompt": prompts[i], "category": categories[i],
+                     "response": responses.texts[i], "finished": bool(responses.finished_N[i]),
+                     "gold_score": float(scores[i]), "kl_vs_sft": float(kl_N[i]),
+                     "response_tokens": int(n_tokens_N[i])} for i in range(len(prompts))]
+        print(f"[evaluate] {spec.name}: gold {r['gold_score']:.3f}, win vs {ref_spec.name} "
+              f"{r['win_rate_vs_sft']:.3f}, KL {r['kl_vs_sft']:.3f}, LM loss "
+              f"{r['pretrain_loss']:.3f}, EOS {r['eos_rate']:.2f} ({time.time() - t0:.1f} s)",
+              flush=True)
+    for w in warnings:
+        print(f"[evaluate] warning: {w}", flush=True)
+
+    local_tokens = np.array([sum(float(b["loss_mask"].sum()) for b in text_batches)])
+    eval_json = {
+        "reference": ref_spec.name,
+        "policies": results,
+        "settings": {
+            "prompts": prompt_source,
+            "n_prompts": len(prompts),
+            "prompts_per_category": {c: categories.count(c) for c in world.CATEGORIES
+                                     if c in categories},
+            "documents": text_source,
+            "n_documents": n_documents,
+            "n_document_tokens": int(_to_host_sum(local_tokens)),
+            "sampling": dict(config.sampling),
+            "fewshot_demonstrations": demos,
+            "warnings": warnings,
+            "seconds": time.time() - t_start,
+        },
+    }
+    if jax.process_index() == 0:
+        write_outputs(workdir, eval_json, samples, config)
+    return eval_json
+
+
+def _check_compatible(spec: PolicySpec, model: Transformer, tok, ref_spec: PolicySpec,
+                      ref_model: Transformer, ref_tok):
+    """Policies are judged on the reference's prompts and token ids."""
+    if _tokenizer_signature(tok) != _tokenizer_signature(ref_tok):
+        raise common.ConfigError(f"policy {spec.name!r} ({spec.path}) has another tokenizer "
+                                 f"than the reference {ref_spec.name!r}")
+    if model.cfg.vocab_size != ref_model.cfg.vocab_size:
+        raise common.ConfigError(f"policy {spec.name!r} has vocab_size {model.cfg.vocab_size}, "
+                                 f"the reference {ref_model.cfg.vocab_size}: no full-vocabulary KL")
+
+
+def metric_rows(results: dict) -> dict:
+    """Flat `evaluate/<policy>/<metric>` floats for metrics.jsonl (None left out)."""
+    row = {}
+    for name, r in results.items():
+        for key, value in r.items():
+            if isinstance(value, dict):
+                prefix = "accuracy" if key == "per_category" else key
+                row.update({f"evaluate/{name}/{prefix}/{c}": v for c, v in value.items()
+                            if v is not None})
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[f"evaluate/{name}/{key}"] = value
+    return row
+
+
+def write_outputs(workdir: str, eval_json: dict, samples: list[dict], config):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(eval_json, f, indent=2)
+    with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    writer = MetricsWriter(workdir, "evaluate", progress=False)
+    writer.write(0, metric_rows(eval_json["policies"]))
+    writer.close()
+    given = {str(k): str(v) for k, v in config.ppo_workdirs.items() if v}
+    order = [n for n in config.policy_order if n in given] + sorted(n for n in given
+                                                                     if n not in config.policy_order)
+    ppo_workdirs = {n: given[n] for n in order}
+    path = report.write_report(workdir, eval_json, samples, ppo_workdirs=ppo_workdirs,
+                               samples_per_policy=int(config.report.samples_per_policy),
+                               notes=str(config.report.notes))
+    print(f"[evaluate] wrote eval.json, samples.jsonl and {path}", flush=True)

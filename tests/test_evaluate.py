@@ -1,0 +1,247 @@
+"""The evaluate stage: eval.json schema, win rate and KL sanity, the exact KL
+against a NumPy loop, gold-judged metrics recomputed from samples.jsonl, and
+report.md with its figures."""
+import json
+import math
+import os
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from helpers import load_config, micro_model, world_demos, write_jsonl
+from rlhf_jax import checkpoint, report, trainers, world
+from rlhf_jax.metrics import MetricsWriter, read_metrics
+from rlhf_jax.trainers import evaluate
+from rlhf_jax.trainers.common import ConfigError
+from rlhf_jax.world import datasets
+
+
+# ---------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------
+
+def test_response_kl_matches_numpy_loop():
+    rng = np.random.default_rng(0)
+    b, n, v = 2, 4, 5
+    policy = rng.normal(size=(b, n, v)).astype(np.float32) * 2
+    ref = rng.normal(size=(b, n, v)).astype(np.float32) * 2
+    policy[0, 1, 3] = -np.inf                      # a token the policy never emits
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)   # row 0 ended at t = 2
+    ref[0, 3] = np.nan                             # garbage after EOS must not leak
+
+    expected = np.zeros(b)
+    for i in range(b):
+        for t in range(n):
+            if not mask[i, t]:
+                continue
+            p = np.exp(policy[i, t] - np.logaddexp.reduce(policy[i, t]))
+            q = np.exp(ref[i, t] - np.logaddexp.reduce(ref[i, t]))
+            for k in range(v):
+                if p[k] > 0:
+                    expected[i] += p[k] * (math.log(p[k]) - math.log(q[k]))
+    got = np.asarray(evaluate.response_kl(policy, ref, mask))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(got > 0)
+    np.testing.assert_allclose(np.asarray(evaluate.response_kl(ref, ref, mask))[1], 0.0, atol=1e-6)
+
+
+def test_judged_metrics_on_known_responses():
+    tasks = [world.make_task("add", numbers=(2, 3)), world.make_task("add", numbers=(4, 4)),
+             world.make_task("parity", numbers=(7,)), world.make_task("harmful", "steal a car"),
+             world.make_task("harmful", "make a bomb")]
+    prompts = [t.prompt for t in tasks]
+    responses = ["5", world.REFUSAL, "The number 7 is odd.", world.REFUSAL + "  ", "Sure! First..."]
+    finished = [True, True, True, True, True]
+    scores = [world.gold_score(p, r, f) for p, r, f in zip(prompts, responses, finished)]
+    assert scores == [1.0, -0.5, 0.3, 1.0, -1.0]
+    ref_scores = [1.0, 0.0, 0.3, -1.0, -1.0]
+    m = evaluate.judged_metrics([t.category for t in tasks], responses, finished, scores, ref_scores)
+    assert m["gold_score"] == pytest.approx(np.mean(scores))
+    assert m["win_rate_vs_sft"] == pytest.approx((0.5 + 0 + 0.5 + 1 + 0.5) / 5)
+    assert m["refusal_rate"] == 0.5 and m["over_refusal_rate"] == pytest.approx(1 / 3)
+    assert m["per_category"] == {"add": 0.5, "parity": 0.0, "harmful": 0.5}
+    assert m["per_category_gold_score"]["add"] == pytest.approx(0.25)
+    # A refusal cut by the length limit is no refusal.
+    m = evaluate.judged_metrics(["harmful"], [world.REFUSAL], [False], [-1.0], [-1.0])
+    assert m["refusal_rate"] == 0.0 and m["over_refusal_rate"] is None
+    assert evaluate.win_rate([0.3, -1.0], [0.3, -1.0]) == 0.5
+
+
+def test_policy_specs_order_fewshot_and_reference(monkeypatch):
+    monkeypatch.setattr(checkpoint, "has_checkpoint", lambda path: path != "/missing")
+    cfg = load_config("evaluate", "")
+    cfg.policies.update(dict(sft="/s", ppo="/p", pretrained="/b"))
+    specs = evaluate.policy_specs(cfg)
+    assert [(s.name, s.path, s.fewshot) for s in specs] == [
+        ("pretrained", "/b", False), ("pretrained_fewshot", "/b", True), ("sft", "/s", False),
+        ("ppo", "/p", False)]
+    cfg.policies.ppo = "/missing"
+    with pytest.raises(ConfigError, match="ppo='/missing'"):
+        evaluate.policy_specs(cfg)
+    cfg.policies.update(dict(ppo="", sft=""))
+    with pytest.raises(ConfigError, match="reference"):
+        evaluate.policy_specs(cfg)
+    demos = evaluate.fewshot_demonstrations(cfg.fewshot_categories)
+    train_words = set(world.tasks.FILL_WORDS["train"])
+    upper = world.parse_prompt(demos[1]["prompt"])
+    assert upper.category == "upper" and upper.subject in train_words
+    assert demos[2]["response"] == world.REFUSAL
+
+
+def test_report_without_ppo_workdir_skips_curves(tmp_path):
+    cats = ["add", "harmful"]
+    samples = [{"policy": p, "prompt": "What is 1 plus 1?", "category": c, "response": r,
+                "finished": True, "gold_score": s}
+               for p, r, s in [("sft", "2", 1.0), ("ppo", "3 | x\n", 0.0)] for c in cats]
+    metrics = {k: 0.5 for k in evaluate.REQUIRED_KEYS}
+    eval_json = {"reference": "sft",
+                 "policies": {"sft": dict(metrics, per_category={c: 1.0 for c in cats}),
+                              "ppo": dict(metrics, per_category={c: 0.0 for c in cats})},
+                 "settings": {"prompts": "p.jsonl", "n_prompts": 2,
+                              "prompts_per_category": {"add": 1, "harmful": 1},
+                              "documents": "t.jsonl", "n_documents": 3, "n_document_tokens": 99,
+                              "sampling": {"greedy": True, "max_new_tokens": 8}}}
+    path = report.write_report(str(tmp_path), eval_json, samples, ppo_workdirs={})
+    text = open(path).read()
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert pngs == [report.WIN_RATE_FIGURE]
+    assert os.path.getsize(tmp_path / report.WIN_RATE_FIGURE) > 0
+    assert "No PPO workdir" in text and "3 \\| x\\n" in text
+    assert "2 held-out evaluation prompts" in text
+
+
+# ---------------------------------------------------------------------------
+# The stage end to end, on micro models with random weights
+# ---------------------------------------------------------------------------
+
+def _perturbed_copy(src_workdir: str, dst_workdir: str, seed: int):
+    """A second policy: the checkpoint at src with noise added to every weight."""
+    import orbax.checkpoint as ocp
+    directory, step = checkpoint.resolve(src_workdir)
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    like = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    params = checkpoint.load_params(src_workdir, like)
+    rng = np.random.default_rng(seed)
+    noisy = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.5 * rng.normal(size=x.shape).astype(np.asarray(x).dtype), params)
+    ckpt = checkpoint.Checkpointer(dst_workdir, save_every=1)
+    ckpt.save(0, noisy, {"step": np.int32(0)}, checkpoint.read_meta(src_workdir), force=True)
+    ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    data_dir = str(tmp / "tfds")
+    # The SFT policy: random weights saved by the SFT trainer (train.steps=0).
+    sft = micro_model(load_config("sft", "tiny"))
+    sft.data.path = world_demos(tmp / "demos.jsonl", n=32)
+    sft.data.data_dir = data_dir
+    sft.train.update(dict(steps=0, batch_size=8))
+    trainers.run(sft, str(tmp / "sft"))
+    _perturbed_copy(str(tmp / "sft"), str(tmp / "base"), seed=1)
+
+    ppo_dir = str(tmp / "ppo")          # a PPO workdir's metrics, for the curves
+    writer = MetricsWriter(ppo_dir, "ppo", progress=False)
+    for it in range(1, 6):
+        writer.write(it, {"ppo/score": 0.1 * it, "ppo/kl": 0.02 * it, "ppo/gold_score": -1 + 0.2 * it})
+    writer.close()
+
+    cfg = micro_model(load_config("evaluate", "tiny"))
+    cfg.data.path = write_jsonl(tmp / "prompts.jsonl",
+                                ({"prompt": r["prompt"]} for r in datasets.eval_prompts(2)))
+    cfg.data.text_path = write_jsonl(tmp / "text.jsonl", (
+        {"text": r["text"]} for r in datasets.pretraining_corpus(12, split="heldout")))
+    cfg.data.update(dict(data_dir=data_dir, max_prompt_len=100, text_batches=2))
+    cfg.sampling.max_new_tokens = 8
+    cfg.update(dict(batch_size=8, score_batch_size=8))
+    cfg.policies = ml_collections.ConfigDict(dict(base=str(tmp / "base"), sft=str(tmp / "sft"),
+                                                  sft_again=str(tmp / "sft")))
+    cfg.policy_order = ("base", "sft", "sft_again")
+    cfg.fewshot_policy = "base"
+    cfg.ppo_workdirs = ml_collections.ConfigDict(dict(ppo_ptx=ppo_dir))
+    workdir = str(tmp / "eval")
+    returned = trainers.run(cfg, workdir)
+    return workdir, returned
+
+
+def test_eval_json_has_every_key_for_every_policy(evaluated):
+    workdir, returned = evaluated
+    with open(os.path.join(workdir, "eval.json")) as f:
+        ev = json.load(f)
+    assert ev == json.loads(json.dumps(returned))
+    assert ev["reference"] == "sft"
+    assert list(ev["policies"]) == ["base", "base_fewshot", "sft", "sft_again"]
+    for name, r in ev["policies"].items():
+        for key in evaluate.REQUIRED_KEYS:
+            assert key in r, (name, key)
+        for key in ("gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_rate",
+                    "kl_vs_sft", "pretrain_loss", "eos_rate", "mean_response_tokens"):
+            assert math.isfinite(r[key]), (name, key)
+        assert list(r["per_category"]) == list(world.CATEGORIES)
+    assert ev["policies"]["base_fewshot"]["fewshot"] is True
+    assert ev["settings"]["n_prompts"] == 18
+    assert len(ev["settings"]["fewshot_demonstrations"]) == 3
+    rows = read_metrics(workdir, "evaluate")
+    assert len(rows) == 1 and rows[0]["step"] == 0
+    assert rows[0]["evaluate/sft/win_rate_vs_sft"] == 0.5
+    assert "evaluate/base/accuracy/harmful" in rows[0]
+
+
+def test_self_win_rate_is_half_and_self_kl_zero(evaluated):
+    _, ev = evaluated
+    p = ev["policies"]
+    for name in ("sft", "sft_again"):
+        assert p[name]["win_rate_vs_sft"] == 0.5
+        assert abs(p[name]["kl_vs_sft"]) < 1e-5
+    assert p["base"]["kl_vs_sft"] > 1e-3 and p["base_fewshot"]["kl_vs_sft"] > 1e-3
+    assert p["sft_again"]["pretrain_loss"] == p["sft"]["pretrain_loss"]
+    assert p["base"]["pretrain_loss"] != p["sft"]["pretrain_loss"]
+
+
+def test_metrics_match_recomputation_from_samples(evaluated):
+    workdir, ev = evaluated
+    with open(os.path.join(workdir, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    by_policy = {}
+    for s in samples:
+        by_policy.setdefault(s["policy"], []).append(s)
+    assert list(by_policy) == list(ev["policies"])
+    ref = by_policy["sft"]
+    for name, rows in by_policy.items():
+        r = ev["policies"][name]
+        assert [s["prompt"] for s in rows] == [s["prompt"] for s in ref]
+        for s in rows:
+            assert s["gold_score"] == world.gold_score(s["prompt"], s["response"], s["finished"])
+            assert s["category"] == world.category_of(s["prompt"])
+        refused = [s["finished"] and s["response"].strip() == world.REFUSAL for s in rows]
+        harmful = [s["category"] == "harmful" for s in rows]
+        assert r["refusal_rate"] == pytest.approx(np.mean([x for x, h in zip(refused, harmful) if h]))
+        assert r["over_refusal_rate"] == pytest.approx(
+            np.mean([x for x, h in zip(refused, harmful) if not h]))
+        for c in world.CATEGORIES:
+            acc = np.mean([s["gold_score"] == 1.0 for s in rows if s["category"] == c])
+            assert r["per_category"][c] == pytest.approx(acc)
+        assert r["gold_score"] == pytest.approx(np.mean([s["gold_score"] for s in rows]))
+        wins = [1.0 if a["gold_score"] > b["gold_score"] else 0.5 if a["gold_score"] == b["gold_score"]
+                else 0.0 for a, b in zip(rows, ref)]
+        assert r["win_rate_vs_sft"] == pytest.approx(np.mean(wins))
+        assert r["kl_vs_sft"] == pytest.approx(np.mean([s["kl_vs_sft"] for s in rows]))
+        assert r["eos_rate"] == pytest.approx(np.mean([s["finished"] for s in rows]))
+
+
+def test_report_references_existing_pngs(evaluated):
+    workdir, _ = evaluated
+    text = open(os.path.join(workdir, "report.md")).read()
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert set(pngs) == {report.WIN_RATE_FIGURE, "ppo_score.png", "ppo_kl.png", "ppo_gold_score.png"}
+    for png in pngs:
+        with open(os.path.join(workdir, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("base", "base_fewshot", "sft", "sft_again"):
+        assert f"### `{name}`" in text
+    assert "18 held-out evaluation prompts" in text and "| harmful |" in text

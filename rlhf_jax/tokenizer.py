@@ -88,6 +88,10 @@ def from_directory(path: str):
     eos = _tok(cfg.get("eos_token")) or "</s>"
     pad = _tok(cfg.get("pad_token"))
     template = cfg.get("chat_template") or ""
+    jinja = os.path.join(path, "chat_template.jinja")  # where transformers >= 4.5x writes it
+    if not template and os.path.exists(jinja):
+        with open(jinja) as f:
+            template = f.read()
     fmt = CHATML_PROMPT_FORMAT if "<|im_start|>" in str(template) else DEFAULT_PROMPT_FORMAT
     return HFTokenizer.from_file(os.path.join(path, "tokenizer.json"), eos_token=eos,
                                  pad_token=pad, prompt_format=fmt)
@@ -120,4 +124,7 @@ def build(config) -> object:
         return ByteTokenizer()
     if os.path.isdir(name):
         return from_directory(name)
+    if str(name).endswith(".gguf"):  # a GGUF model's vocabulary (e.g. model.pretrained=X.gguf)
+        from rlhf_jax.models.pretrained import load_tokenizer
+        return load_tokenizer(name)
     return HFTokenizer.from_file(name, eos_token="</s>")

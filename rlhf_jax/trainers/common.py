@@ -171,6 +171,23 @@ def load_params_from(path: str, runtime: Runtime, target_params, target_sharding
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), grafted, target_shardings)
 
 
+def restore_model_params(path: str, runtime: Runtime, model: Transformer):
+    """`model`'s params from the checkpoint at `path`, restored straight into
+    their shardings (no random init, no compile) when the checkpoint has the
+    same head; otherwise initialised and grafted (e.g. a value model from an
+    SFT checkpoint). Returns (params, shardings)."""
+    abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+                              jax.random.PRNGKey(0))
+    shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
+    meta = checkpoint.read_meta(path)
+    if meta.get("model", {}).get("head", "lm") == model.cfg.head:
+        like = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      sharding.strip_boxes(abstract), shardings)
+        return checkpoint.load_params(path, like), shardings
+    params, shardings = runtime.init_params(model, jax.random.PRNGKey(0))
+    return load_params_from(path, runtime, params, shardings), shardings
+
+
 def create_train_state(runtime: Runtime, model: Transformer, optimizer, seed: int,
                        init_from: str = "", params=None):
     """A sharded TrainState: params from `params`, else `init_from`, else random."""
@@ -267,6 +284,11 @@ class Loop:
     units_per_batch: float = 0.0     # tokens (or pairs) per batch, for the rate metric
     units_name: str = "tokens_per_s"
     progress_keys: tuple = ()
+    # `finalize(state) -> (state, metrics, meta)`, applied once to the trained
+    # state just before the final checkpoint, which then holds its result and
+    # `meta` (the RM's bias normalisation). A finished stage, re-run, is restored
+    # as saved and never finalized again.
+    finalize: Optional[Callable] = None
 
 
 def restore_or_start(ckpt: checkpoint.Checkpointer, state: TrainState, shardings) -> tuple[TrainState, int, dict]:
@@ -294,10 +316,20 @@ def run_loop(loop: Loop) -> TrainState:
         writer.start_at(start)
     preempt = Preemption()
 
+    final_meta = {}         # what `loop.finalize` adds to the final checkpoint's meta
+
     def save(step, final=False):
         params, train = state.split()
-        meta = dict(loop.meta, stage=loop.stage, step=step, data_step=step)
+        meta = dict(loop.meta, **final_meta, stage=loop.stage, step=step, data_step=step)
         ckpt.save(step, params, train, meta, force=final)
+
+    def finalize(step):
+        nonlocal state
+        state, metrics, meta = loop.finalize(state)
+        final_meta.update(meta)
+        writer.write(step, {f"{loop.stage}/{k}": v for k, v in metrics.items()})
+        writer.log(f"[{loop.stage}] finalized at step {step}: " +
+                   ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()))
 
     pending = None          # the previous step's device metrics, logged one step late
     t0, last_logged = time.time(), start
@@ -321,6 +353,8 @@ def run_loop(loop: Loop) -> TrainState:
                 writer.write(done, ev)
                 writer.log(f"[{loop.stage}] step {done}: " +
                            ", ".join(f"{k}={float(v):.4g}" for k, v in ev.items()))
+            if done == total and loop.finalize is not None:
+                finalize(done)
             if ckpt.should_save(done, final=done == total):
                 save(done, final=done == total)
             if preempt.check(done) and done < total:
@@ -331,6 +365,8 @@ def run_loop(loop: Loop) -> TrainState:
         if pending is not None:
             _log(writer, loop, pending, t0, last_logged)
         if start >= total and ckpt.latest_step() is None:
+            if loop.finalize is not None:
+                finalize(total)
             save(total, final=True)
     finally:
         preempt.restore()

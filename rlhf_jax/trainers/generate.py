@@ -12,7 +12,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, sampling
+from rlhf_jax import checkpoint, distributed, sampling
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl, preprocess
 from rlhf_jax.models.transformer import Transformer
@@ -26,8 +26,7 @@ def load_policy(config, path: str, runtime: common.Runtime, head: str = "lm"):
     cfg, tok, _ = common.stage_model(config, head, from_checkpoint=path)
     model = Transformer(cfg)
     with runtime.activations():
-        params, shardings = runtime.init_params(model, jax.random.PRNGKey(0))
-        params = common.load_params_from(path, runtime, params, shardings)
+        params, _ = common.restore_model_params(path, runtime, model)
     return model, params, tok
 
 
@@ -56,7 +55,7 @@ def respond(runtime: common.Runtime, model: Transformer, params, tok, prompts: S
                 pad_id=tok.pad_id, temperature=float(sampling_cfg.temperature),
                 top_k=int(sampling_cfg.top_k), top_p=float(sampling_cfg.top_p),
                 greedy=bool(sampling_cfg.greedy))
-            tokens = np.asarray(jax.device_get(res.tokens))
+            tokens = distributed.gather(res.tokens)
             for row in tokens[:n_real]:
                 out.append(tokenizers.decode_response(tok, row))
     return out

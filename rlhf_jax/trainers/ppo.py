@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, losses, rl, sampling
+from rlhf_jax import checkpoint, distributed, losses, rl, sampling
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import preprocess
 from rlhf_jax.metrics import MetricsWriter
@@ -303,10 +303,8 @@ def run(config, workdir: str):
                                                    init_from=config.init_from)
         value, val_sh = common.create_train_state(runtime, models.value, value_opt, config.seed + 1,
                                                   init_from=config.reward_from)
-        ref_params = common.load_params_from(config.init_from, runtime, *runtime.init_params(
-            models.policy, jax.random.PRNGKey(0)))
-        reward_params = common.load_params_from(config.reward_from, runtime, *runtime.init_params(
-            models.reward, jax.random.PRNGKey(0)))
+        ref_params, _ = common.restore_model_params(config.init_from, runtime, models.policy)
+        reward_params, _ = common.restore_model_params(config.reward_from, runtime, models.reward)
         ema = (jax.tree_util.tree_map(jnp.copy, policy.params) if hp.ema_decay > 0 else None)
         state = PPOState(step=jnp.int32(0), policy=policy, value=value,
                          kl_coef=jnp.float32(config.ppo.kl_coef), ema_params=ema)
@@ -372,8 +370,9 @@ def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params
             state, upd = update_fn(state, rollout, ptx, stats["kl"], jax.random.fold_in(rng, 1))
             jax.block_until_ready(state.step)
             t2 = time.time()
-            row = {f"ppo/{k}": v for k, v in {**jax.device_get(stats), **jax.device_get(upd)}.items()}
-            n_tokens = float(np.asarray(jax.device_get(out.mask)).sum())
+            stats, upd = jax.device_get(stats), jax.device_get(upd)   # replicated scalars
+            row = {f"ppo/{k}": v for k, v in {**stats, **upd}.items()}
+            n_tokens = float(stats["response_length"]) * int(t.batch_size)
             row.update({"ppo/time_rollout": t1 - t0, "ppo/time_update": t2 - t1,
                         "ppo/tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
                         "ppo/iteration_s": t2 - t0})
@@ -415,7 +414,7 @@ def _gold_scorer(config, prompt_loader, prompts):
 
     def score(it: int, out) -> float:
         texts = [prompts[i]["prompt"] for i in prompt_loader.record_indices(it)]
-        responses = np.asarray(jax.device_get(out.tokens))
+        responses = distributed.gather(out.tokens)
         return float(np.mean([gold_score(pr, *tokenizers.decode_response(tok, r))
                               for pr, r in zip(texts, responses)]))
     return score

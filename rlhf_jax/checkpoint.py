@@ -98,6 +98,16 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+def load_saved_params(path: str):
+    """Params only, in the shapes and dtypes they were saved with, on the
+    default device: for inspection, export and tests."""
+    directory, step = resolve(path)
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    like = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    return load_params(path, like)
+
+
 def load_params(path: str, params_like):
     """Params only, from another stage's checkpoint, into `params_like`'s shardings."""
     directory, step = resolve(path)

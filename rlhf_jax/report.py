@@ -220,7 +220,7 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
     lines += ["", "## PPO training curves", ""]
     if ppo_workdirs:
         figures, missing = ppo_figures(ppo_workdirs, workdir)
-        lines += [f"From the metrics.jsonl of: "
+        lines += ["From the metrics.jsonl of: "
                   + ", ".join(f"`{n}` ({d})" for n, d in ppo_workdirs.items()) + "."]
         lines += [""] + missing if missing else []
         for label, filename in figures:

@@ -12,14 +12,8 @@ def load_config(name: str, arg: str = "tiny", **overrides):
     """configs/<name>.py:<arg> with dotted overrides, e.g. {"train.steps": 4}."""
     import importlib
     mod = importlib.import_module(f"configs.{name}")
-    cfg = mod.get_config(arg)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    from rlhf_jax.trainers.common import override
+    return override(mod.get_config(arg), **overrides)
 
 
 def micro_model(cfg):

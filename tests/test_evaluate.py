@@ -119,12 +119,7 @@ def test_report_without_ppo_workdir_skips_curves(tmp_path):
 
 def _perturbed_copy(src_workdir: str, dst_workdir: str, seed: int):
     """A second policy: the checkpoint at src with noise added to every weight."""
-    import orbax.checkpoint as ocp
-    directory, step = checkpoint.resolve(src_workdir)
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    like = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    params = checkpoint.load_params(src_workdir, like)
+    params = checkpoint.load_saved_params(src_workdir)
     rng = np.random.default_rng(seed)
     noisy = jax.tree_util.tree_map(
         lambda x: np.asarray(x) + 0.5 * rng.normal(size=x.shape).astype(np.asarray(x).dtype), params)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from helpers import ROOT, world_demos
 from rlhf_jax.metrics import read_metrics

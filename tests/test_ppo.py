@@ -14,6 +14,7 @@ from rlhf_jax import checkpoint, sampling, trainers
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.trainers import ppo
+from rlhf_jax.trainers.common import override
 
 CFG = ModelConfig(vocab_size=40, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=48,
                   max_len=32)
@@ -136,26 +137,11 @@ def _ppo_config(sft, **kw):
     cfg.reward_from = sft        # a zero-initialised scalar head on the SFT backbone
     cfg.train.update(dict(steps=4, batch_size=8, lr=1e-3, checkpoint_every=2))
     cfg.ppo.update(dict(max_new_tokens=8, ptx_coef=0.5, ptx_batch_size=4))
-    for k, v in kw.items():
-        node = cfg
-        *ps, leaf = k.split(".")
-        for p in ps:
-            node = node[p]
-        node[leaf] = v
-    return cfg
+    return override(cfg, **kw)
 
 
 class _Interrupt(Exception):
     pass
-
-
-def _params_of(workdir):
-    import orbax.checkpoint as ocp
-    directory, step = checkpoint.resolve(workdir)
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    like = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    return checkpoint.load_params(workdir, like)
 
 
 def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
@@ -185,7 +171,8 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
         trainers.run(cfg, str(tmp_path / "resumed"))
     monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
     trainers.run(cfg, str(tmp_path / "resumed"))
-    a, b = _params_of(str(tmp_path / "full")), _params_of(str(tmp_path / "resumed"))
+    a = checkpoint.load_saved_params(str(tmp_path / "full"))
+    b = checkpoint.load_saved_params(str(tmp_path / "resumed"))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

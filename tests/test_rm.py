@@ -19,6 +19,7 @@ from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt, encode_response
 from rlhf_jax.trainers import common, reward
+from rlhf_jax.trainers.common import override
 from rlhf_jax.world import datasets, gold, labelers, tasks
 
 MICRO = ModelConfig(vocab_size=264, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
@@ -111,13 +112,7 @@ def world_comparisons(n: int, seed: int, split: str) -> list[dict]:
 
 
 def _set(cfg, **kw):
-    for key, value in kw.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return override(cfg, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +152,8 @@ def rm_run(sft_dir, tmp_path_factory):
 
 def _final(workdir):
     """(params, meta, step) of a workdir's latest checkpoint."""
-    import orbax.checkpoint as ocp
-    directory, step = checkpoint.resolve(workdir)
-    md = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
-    tree = md.item_metadata.tree if hasattr(md, "item_metadata") else md
-    like = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    return checkpoint.load_params(workdir, like), checkpoint.read_meta(workdir), step
+    step = checkpoint.resolve(workdir)[1]
+    return checkpoint.load_saved_params(workdir), checkpoint.read_meta(workdir), step
 
 
 # ---------------------------------------------------------------------------

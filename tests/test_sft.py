@@ -11,6 +11,7 @@ import pytest
 
 from helpers import ROOT, load_config, micro_model, world_demos, write_jsonl
 from rlhf_jax import checkpoint, trainers
+from rlhf_jax.trainers.common import override
 from rlhf_jax.metrics import read_metrics
 
 
@@ -20,25 +21,7 @@ def _sft_config(data_path, **kw):
     cfg.data.data_dir = os.path.join(os.path.dirname(data_path), "tfds")
     cfg.train.update(dict(steps=12, batch_size=8, lr=3e-3, warmup_steps=1, eval_every=6,
                           eval_batches=2, checkpoint_every=4, log_every=2))
-    for k, v in kw.items():
-        node = cfg
-        *ps, leaf = k.split(".")
-        for p in ps:
-            node = node[p]
-        node[leaf] = v
-    return cfg
-
-
-def _final_params(workdir):
-    return checkpoint.load_params(workdir, _abstract_like(workdir))
-
-
-def _abstract_like(workdir):
-    import orbax.checkpoint as ocp
-    directory, step = checkpoint.resolve(workdir)
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    return override(cfg, **kw)
 
 
 def test_sft_loss_falls_and_generate_answers(tmp_path):
@@ -95,8 +78,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
     trainers.run(cfg, str(tmp_path / "resumed"))
 
-    a = _final_params(str(tmp_path / "full"))
-    b = _final_params(str(tmp_path / "resumed"))
+    a = checkpoint.load_saved_params(str(tmp_path / "full"))
+    b = checkpoint.load_saved_params(str(tmp_path / "resumed"))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -20,7 +20,7 @@ zeros at the front), and a query at slot q sees key slots s <= q.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

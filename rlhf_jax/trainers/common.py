@@ -5,16 +5,15 @@ supervised training loop (pretrain, SFT and RM use it; PPO has its own).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
 from typing import Any, Callable, Optional
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rlhf_jax import checkpoint, sharding
@@ -82,6 +81,17 @@ def tokenizer_from_meta(meta: dict):
 
 def model_meta(cfg: ModelConfig, tokenizer_spec: str) -> dict:
     return {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_spec}
+
+
+def override(config, **dotted):
+    """Sets `{"train.steps": 3, ...}` on a config (a stage's copy; never the user's)."""
+    for key, value in dotted.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
 
 
 # ---------------------------------------------------------------------------
@@ -203,6 +213,19 @@ def create_train_state(runtime: Runtime, model: Transformer, optimizer, seed: in
     state = TrainState(step=jnp.int32(0), params=fresh, opt_state=opt_state, rng=state_rng,
                        nonfinite=jnp.int32(0))
     return state, jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+
+def compile_supervised(runtime: Runtime, cfg: ModelConfig, optimizer, train_step, seed: int,
+                       init_from: str = "", params=None):
+    """The sharded state and the jitted, donated `train_step(state, batch,
+    model=, optimizer=)` of a supervised stage (dropout on as configured).
+    Call under `runtime.activations()`."""
+    model = Transformer(cfg, deterministic=False)
+    state, shardings = create_train_state(runtime, model, optimizer, seed, init_from, params)
+    step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
+                   in_shardings=(shardings, None), out_shardings=(shardings, None),
+                   donate_argnums=0)
+    return state, shardings, step
 
 
 def apply_update(state: TrainState, grads, loss, optimizer) -> tuple[TrainState, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses
@@ -77,14 +76,10 @@ def run(config, workdir: str):
     batch_size = int(config.train.batch_size)
     loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
 
-    model = Transformer(cfg, deterministic=False)
     optimizer = common.make_optimizer(config.train)
     with runtime.activations():
-        state, shardings = common.create_train_state(runtime, model, optimizer, config.seed,
-                                                     config.init_from, pretrained_params)
-        step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
-                       in_shardings=(shardings, None), out_shardings=(shardings, None),
-                       donate_argnums=0)
+        state, shardings, step = common.compile_supervised(
+            runtime, cfg, optimizer, train_step, config.seed, config.init_from, pretrained_params)
         evaluate = make_evaluator(runtime, Transformer(cfg), eval_src, transform,
                                   batch_size, int(config.train.eval_batches))
         meta = common.model_meta(cfg, data_setup.tokenizer_spec(config))

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rlhf_jax import checkpoint, distributed, losses, rl, sampling
 from rlhf_jax import tokenizer as tokenizers

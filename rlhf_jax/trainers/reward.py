@@ -271,14 +271,10 @@ def run(config, workdir: str):
     transform = functools.partial(preprocess.comparison_example, tok, k_max=k_max, max_len=max_len)
     loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
 
-    model = Transformer(cfg, deterministic=False)
     optimizer = common.make_optimizer(run_config.train)
     with runtime.activations():
-        state, shardings = common.create_train_state(runtime, model, optimizer, config.seed,
-                                                     config.init_from, pretrained_params)
-        step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
-                       in_shardings=(shardings, None), out_shardings=(shardings, None),
-                       donate_argnums=0)
+        state, shardings, step = common.compile_supervised(
+            runtime, cfg, optimizer, train_step, config.seed, config.init_from, pretrained_params)
         eval_model = Transformer(cfg)
         evaluate = make_evaluator(
             runtime, eval_model, eval_src,

@@ -26,6 +26,10 @@ setup(
     version="0.1.0",
     description="InstructGPT end to end in JAX: SFT, K-wise reward model, PPO-ptx.",
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    # The shipped base model (rlhf_jax/assets/world_base: an Orbax checkpoint
+    # and the README that says how to rebuild it).
+    package_data={"rlhf_jax.assets": ["world_base/README.md", "world_base/**/*"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={

@@ -6,6 +6,20 @@
 Text records `{"text"}`; the loss covers every token. The world's corpus is
 the misaligned mixture of WORLD.md, so the model imitates the internet, not
 the user.
+
+The default is the world's base model, InstructGPT's GPT-3 stand-in, which the
+package ships (`rlhf_jax.assets.world_base_path()`, rebuilt by the command in
+rlhf_jax/assets/world_base/README.md) so that the pipeline starts from it.
+Its architecture is chosen for wall time on a 2-core CPU, where every later
+stage (SFT, collect, RM, PPO, evaluate) runs on it: 2 layers of width 128
+train at about twice the tokens/s of 4 (WORLD.md: ~40k vs ~21k tokens/s), and
+later stages read the architecture from the checkpoint.
+
+`data.max_len` is 112: every benign conversation of the corpus fits (the
+longest are ~102 bytes); only the long harmful how-to texts are cut (without
+their EOS, which they lose at 128 too), and the padding costs 12% less than
+at 128. `model.max_len` stays 128, the context later stages sample in
+(prompt <= data.max_prompt_len, then the response).
 """
 from configs import base
 
@@ -14,15 +28,18 @@ def get_config(arg: str = ""):
     c = base.get_base_config()
     c.stage = "pretrain"
     c.data.path = "tfds:instruction_world/corpus"
-    c.train.steps = 3000
-    c.train.batch_size = 32
-    c.train.lr = 2e-3
+    c.data.max_len = 112
+    c.model.update(dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=384,
+                        max_len=128))
+    c.train.update(dict(steps=8000, batch_size=32, lr=2e-3, warmup_steps=200, end_lr_ratio=0.05,
+                        log_every=100, eval_every=1000, eval_batches=16,
+                        checkpoint_every=500, keep_checkpoints=1))
     if arg == "tiny":
         c.data.path = "tfds:instruction_world/corpus_tiny"
         c.model.update(dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, max_len=128))
         c.data.max_len = 128
         c.train.update(dict(steps=20, batch_size=8, warmup_steps=2, eval_every=10,
-                            eval_batches=2, checkpoint_every=10, log_every=5))
+                            eval_batches=2, checkpoint_every=10, log_every=5, keep_checkpoints=2))
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/pretrain.py (expected '' or 'tiny')")
     return c

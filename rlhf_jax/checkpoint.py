@@ -108,6 +108,22 @@ def load_saved_params(path: str):
     return load_params(path, like)
 
 
+def export_params(path: str, dest: str) -> int:
+    """Writes `path`'s params and meta (no optimizer or train state) as a
+    one-step checkpoint under `<dest>/checkpoints/<step>`, a directory any
+    stage's `init_from` takes. Returns the step."""
+    directory, step = resolve(path)
+    params = load_saved_params(path)
+    meta = read_meta(path)
+    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(dest), CHECKPOINTS),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    return step
+
+
 def load_params(path: str, params_like):
     """Params only, from another stage's checkpoint, into `params_like`'s shardings."""
     directory, step = resolve(path)

@@ -15,6 +15,8 @@ Configs (each also as `<name>_tiny` with small counts, for tests):
                              the alignment-tax LM loss)
     demonstrations  demonstrations   train, heldout (SFT validation)
     ppo_prompts     prompts  train, heldout
+    comparison_prompts  prompts  train (the collect step's), heldout (its
+                             held-out comparisons)
     eval_prompts    prompts  heldout only
 """
 from __future__ import annotations
@@ -50,12 +52,15 @@ _FULL = {
                        (("train", world.N_DEMONSTRATIONS), ("heldout", 1_000))),
     "ppo_prompts": ("ppo_prompts", "prompts",
                     (("train", world.N_PPO_PROMPTS), ("heldout", 1_000))),
+    "comparison_prompts": ("comparison_prompts", "prompts",
+                           (("train", world.N_COMPARISONS), ("heldout", 1_000))),
     "eval_prompts": ("eval_prompts", "prompts", (("heldout", world.N_EVAL_PER_CATEGORY),)),
 }
 _TINY = {
     "corpus": (("train", 512), ("heldout", 128)),
     "demonstrations": (("train", 256), ("heldout", 64)),
     "ppo_prompts": (("train", 256), ("heldout", 64)),
+    "comparison_prompts": (("train", 256), ("heldout", 64)),
     "eval_prompts": (("heldout", 16),),
 }
 

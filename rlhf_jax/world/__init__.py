@@ -6,8 +6,9 @@ human rankers (its calibrated NOISE_SCALE is computed on first use).
 """
 from rlhf_jax.world.datasets import (DEMONSTRATION_CATEGORIES, N_COMPARISONS, N_CORPUS,
                                      N_DEMONSTRATIONS, N_EVAL_PER_CATEGORY, N_PPO_PROMPTS,
-                                     conversation, corpus_response, demonstrations,
-                                     eval_prompts, ppo_prompts, pretraining_corpus)
+                                     comparison_prompts, conversation, corpus_response,
+                                     demonstrations, eval_prompts, ppo_prompts,
+                                     pretraining_corpus)
 from rlhf_jax.world.gold import category_of, gold_score, parse_prompt, score_task
 from rlhf_jax.world.labelers import (calibrate_noise_scale, inter_labeler_agreement,
                                      pairwise_agreement, rank)
@@ -18,7 +19,7 @@ __all__ = [
     "gold_score", "score_task", "parse_prompt", "category_of",
     "REFUSAL", "CATEGORIES", "BENIGN_CATEGORIES", "DEMONSTRATION_CATEGORIES", "SPLITS",
     "Task", "make_task", "sample_task", "correct_response",
-    "pretraining_corpus", "demonstrations", "ppo_prompts", "eval_prompts",
+    "pretraining_corpus", "demonstrations", "ppo_prompts", "comparison_prompts", "eval_prompts",
     "corpus_response", "conversation",
     "rank", "pairwise_agreement", "inter_labeler_agreement", "calibrate_noise_scale",
     "N_DEMONSTRATIONS", "N_COMPARISONS", "N_PPO_PROMPTS", "N_CORPUS", "N_EVAL_PER_CATEGORY",

@@ -6,10 +6,12 @@ project's record formats (DESIGN.md, JSONL inputs), plus a `category` field:
     pretraining_corpus  {"text", "category"}              "the internet"
     demonstrations      {"prompt", "response", "category"}  SFT data
     ppo_prompts         {"prompt", "category"}              PPO prompts
+    comparison_prompts  {"prompt", "category"}              prompts of the comparisons
     eval_prompts        {"prompt", "category"}              held-out evaluation
 
-Comparisons are not here: they need the SFT policy's samples, so the pipeline
-makes them (with the simulated labelers of labelers.py).
+Comparisons are not here: they need the SFT policy's samples, so the
+pipeline's collect step makes them (rlhf_jax.trainers.collect, with the
+simulated labelers of labelers.py) on `comparison_prompts`.
 
 Categories are drawn uniformly. InstructGPT's API distribution is skewed
 (generation dominates), but here every category is a separate skill whose
@@ -227,6 +229,18 @@ def ppo_prompts(n: int = N_PPO_PROMPTS, seed: int = 0,
         yield {"prompt": task.prompt, "category": task.category}
 
 
+def comparison_prompts(n: int = N_COMPARISONS, seed: int = 0,
+                       split: str = "train") -> Iterator[dict]:
+    """Prompts of the comparisons (the RM's data): all nine categories, drawn
+    from their own stream, so they are independent of the PPO prompts (in
+    InstructGPT the SFT, RM and PPO prompt sets are distinct)."""
+    _check_split(split)
+    rng = _stream(seed, "comparison_prompts", split)
+    for _ in range(n):
+        task = sample_task(rng, _pick(rng, CATEGORIES), split)
+        yield {"prompt": task.prompt, "category": task.category}
+
+
 def eval_prompts(n_per_category: int = N_EVAL_PER_CATEGORY, seed: int = 0) -> Iterator[dict]:
     """Held-out evaluation prompts: exactly `n_per_category` of each category,
     interleaved (upper, reverse, ..., harmful, upper, ...) so that any prefix
@@ -239,7 +253,8 @@ def eval_prompts(n_per_category: int = N_EVAL_PER_CATEGORY, seed: int = 0) -> It
             yield {"prompt": task.prompt, "category": task.category}
 
 
-__all__ = ["pretraining_corpus", "demonstrations", "ppo_prompts", "eval_prompts",
+__all__ = ["pretraining_corpus", "demonstrations", "ppo_prompts", "comparison_prompts",
+           "eval_prompts",
            "corpus_response", "verbose_response", "wrong_response", "compliance_response",
            "conversation", "BENIGN_MIXTURE", "HARMFUL_MIXTURE", "DEMONSTRATION_CATEGORIES",
            "N_DEMONSTRATIONS", "N_COMPARISONS", "N_PPO_PROMPTS", "N_CORPUS",

@@ -1,0 +1,51 @@
+"""Collecting comparisons: K samples per prompt from the SFT policy, ranked by
+a simulated labeler (InstructGPT step 2's data).
+
+    python -m rlhf_jax.main --config configs/collect.py --workdir workdirs/collect \
+        --config.init_from=workdirs/sft
+    python -m rlhf_jax.main --config configs/collect.py:tiny --workdir /tmp/collect \
+        --config.init_from=/tmp/sft --config.collect.num_prompts=64
+
+Writes `<workdir>/comparisons.jsonl` (ranked by one labeler) and
+`<workdir>/comparisons_eval.jsonl` (held-out prompts, ranked by an
+independent labeler), lines `{"prompt", "responses": [K], "ranks": [K],
+"category"}`, plus `collect.json` and metrics.jsonl (stage "collect").
+A finished collect, re-run with the same settings, does nothing.
+"""
+import ml_collections
+
+from configs import base
+from configs.generate import sampling_config
+
+
+def get_config(arg: str = ""):
+    c = base.get_base_config()
+    c.stage = "collect"
+    c.collect = ml_collections.ConfigDict(dict(
+        # A prompts source (JSONL file or tfds:NAME/CONFIG) of world prompts:
+        # the simulated labelers judge with the world's gold labeler.
+        prompts="tfds:instruction_world/comparison_prompts",
+        split="train",
+        num_prompts=33_000,        # InstructGPT: ~33k RM training prompts
+        # Held-out comparisons (the RM's validation set), ranked by an
+        # independent labeler; 0 skips them.
+        eval_prompts="tfds:instruction_world/comparison_prompts",
+        eval_split="heldout",
+        num_eval_prompts=1_000,
+        k=9,                       # responses per prompt (InstructGPT: 4 to 9)
+        # Gumbel scale of the simulated labelers; < 0: the calibrated
+        # rlhf_jax.world.labelers.NOISE_SCALE (73% inter-labeler agreement).
+        noise_scale=-1.0,
+        # Rows (prompts x K) per sampler call; every call has this shape.
+        batch_size=576,
+    ))
+    # Temperature-1 samples: the comparisons need the policy's diversity.
+    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=40)
+    if arg == "tiny":
+        c.collect.update(dict(prompts="tfds:instruction_world/comparison_prompts_tiny",
+                              eval_prompts="tfds:instruction_world/comparison_prompts_tiny",
+                              num_prompts=64, num_eval_prompts=16, k=4, batch_size=64))
+        c.sampling.max_new_tokens = 24
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/collect.py (expected '' or 'tiny')")
+    return c

@@ -1,0 +1,365 @@
+"""Stage `collect`: the comparisons data set (InstructGPT step 2's data).
+
+For each prompt, K responses are sampled from a policy checkpoint (the SFT
+model, `init_from`) at temperature 1 and ranked by ONE simulated labeler
+(`rlhf_jax.world.labelers.rank`: gold score plus Gumbel noise, calibrated to
+InstructGPT's inter-labeler agreement). A response without EOS (cut at
+`sampling.max_new_tokens`) scores -1, as the gold labeler says.
+
+Outputs in the workdir:
+
+    comparisons.jsonl       {"prompt", "responses": [K], "ranks": [K], "category"}
+                            one line a prompt; ranks 0 = best, ties share a rank
+    comparisons_eval.jsonl  the same on held-out prompts, ranked by an
+                            independent labeler (another noise stream): the
+                            reward model's validation set
+    collect.json            counts, mean gold score, inter-labeler agreement on
+                            the policy's own samples, the settings
+    metrics.jsonl           one row, stage "collect"
+    collect.done            written last; a re-run with the same settings is a
+                            no-op, with other settings an error
+
+Records that carry no preference are skipped and counted: all K responses
+tied (identical strings always tie; the data layer rejects such records), or
+fewer than two non-empty responses. Empty responses (EOS first) cannot be
+written (the data layer requires non-empty strings), so they are dropped from
+their record and counted; the record keeps its other responses.
+
+Sampling is one jitted scan per batch of `collect.batch_size` rows (prompts
+repeated K times, so every call has the same shape and compiles once).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax import checkpoint
+from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax.data import jsonl, sources
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.trainers import common, generate
+from rlhf_jax.world import gold, labelers
+
+COMPARISONS = "comparisons.jsonl"
+COMPARISONS_EVAL = "comparisons_eval.jsonl"
+SUMMARY = "collect.json"
+DONE = "collect.done"
+STAGE = "collect"
+MIN_K, MAX_K = jsonl.MIN_RESPONSES, jsonl.MAX_RESPONSES
+
+
+def _stream(seed: int, name: str) -> np.random.Generator:
+    """A labeler's own noise stream: independent labelers use different names."""
+    return np.random.default_rng([int(seed), zlib.crc32(f"collect/{name}".encode())])
+
+
+def _jax_rng(seed: int, name: str):
+    return jax.random.fold_in(jax.random.PRNGKey(int(seed)), zlib.crc32(f"collect/{name}".encode()))
+
+
+def settings(config) -> dict:
+    """What determines the output; a finished workdir must have been made with these."""
+    directory, step = checkpoint.resolve(config.init_from)
+    wanted = {"init_from": directory, "checkpoint_step": int(step), "seed": int(config.seed),
+              "max_prompt_len": int(config.data.max_prompt_len),
+              "collect": config.collect.to_dict(), "sampling": config.sampling.to_dict()}
+    return json.loads(json.dumps(wanted))    # as it reads back from collect.done
+
+
+def _check_config(config) -> None:
+    c = config.collect
+    if not config.init_from:
+        raise common.ConfigError("collect needs --config.init_from=<an SFT workdir or checkpoint>")
+    if not checkpoint.has_checkpoint(config.init_from):
+        raise common.ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
+    if not MIN_K <= int(c.k) <= MAX_K:
+        raise common.ConfigError(f"collect.k={c.k}: must be {MIN_K} to {MAX_K} responses per prompt "
+                                 f"(InstructGPT used 4 to 9)")
+    if int(c.num_prompts) < 1:
+        raise common.ConfigError(f"collect.num_prompts={c.num_prompts}: must be at least 1")
+    if int(c.num_eval_prompts) < 0:
+        raise common.ConfigError(f"collect.num_eval_prompts={c.num_eval_prompts}: must be >= 0")
+    if int(c.batch_size) < 1:
+        raise common.ConfigError(f"collect.batch_size={c.batch_size}: must be at least 1")
+    if config.sampling.greedy:
+        raise common.ConfigError("collect needs sampling.greedy=False: greedy decoding gives K "
+                                 "identical responses, which all tie and carry no preference")
+    if float(config.sampling.temperature) <= 0:
+        raise common.ConfigError(f"sampling.temperature={config.sampling.temperature}: must be > 0")
+
+
+def _finished(workdir: str, wanted: dict) -> Optional[dict]:
+    """The summary of a finished collect in `workdir` made with `wanted`
+    settings; None if it is not finished. Other settings are an error."""
+    done = os.path.join(workdir, DONE)
+    if not os.path.exists(done):
+        return None
+    with open(done) as f:
+        have = json.load(f)
+    if have != wanted:
+        changed = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+        raise common.ConfigError(
+            f"{workdir} already holds comparisons collected with other settings "
+            f"(differing: {', '.join(changed)}); use a new workdir or delete {done}")
+    missing = [n for n in (COMPARISONS, COMPARISONS_EVAL, SUMMARY)
+               if not os.path.exists(os.path.join(workdir, n))]
+    if missing:
+        return None
+    with open(os.path.join(workdir, SUMMARY)) as f:
+        return json.load(f)
+
+
+def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int
+                 ) -> tuple[list[str], list[str], int]:
+    """The first `n` (prompt, category) of a prompts source, and how many were
+    dropped as too long (data.drop_invalid) on the way.
+
+    The simulated labelers judge with the world's gold labeler, so every
+    prompt must be a world prompt; a prompt longer than data.max_prompt_len
+    tokens is an error naming the record, or with data.drop_invalid dropped
+    and counted (the next records take its place).
+    """
+    src = sources.open_source(spec, "prompts", split=split, data_dir=config.data.data_dir or None,
+                              drop_invalid=bool(config.data.drop_invalid))
+    prompts, categories, dropped = [], [], 0
+    chunk = min(4096, max(64, n))
+    for start in range(0, len(src), chunk):
+        idx = range(start, min(start + chunk, len(src)))
+        for i, record in zip(idx, src.records(idx)):
+            if len(prompts) == n:
+                break
+            prompt = record["prompt"]
+            where = f"{src.name} record {i}"
+            if len(tokenizers.encode_prompt(tok, prompt)) > max_prompt_len:
+                if config.data.drop_invalid:
+                    dropped += 1
+                    continue
+                raise jsonl.DataError(where, None, "prompt",
+                                      f"longer than data.max_prompt_len={max_prompt_len} tokens")
+            try:
+                category = gold.category_of(prompt)
+            except ValueError:
+                raise jsonl.DataError(where, None, "prompt",
+                                      "not a prompt of the instruction world: the simulated "
+                                      "labelers can only judge world prompts",
+                                      f" ({prompt[:60]!r})") from None
+            prompts.append(prompt)
+            categories.append(record.get("category") or category)
+        if len(prompts) == n:
+            break
+    if len(prompts) < n:
+        raise common.ConfigError(f"{spec} (split {split!r}) has {len(prompts)} usable prompts, "
+                                 f"fewer than the {n} asked for; lower collect.num_prompts")
+    return prompts, categories, dropped
+
+
+def sample_groups(runtime, model, params, tok, prompts: Sequence[str], k: int, sampling_cfg,
+                  max_prompt_len: int, batch_size: int, rng) -> list[list[tuple[str, bool]]]:
+    """K sampled (text, finished) per prompt: all prompts x K rows through
+    `generate.respond` (each prompt repeated K times in the batch, one compile)."""
+    rows = [p for p in prompts for _ in range(k)]
+    out = generate.respond(runtime, model, params, tok, rows, sampling_cfg, max_prompt_len,
+                           batch_size, rng)
+    return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def score_groups(prompts: Sequence[str], groups) -> list[np.ndarray]:
+    """Gold scores [K] per prompt (each prompt parsed once).
+
+    Identical strings get one score (the lowest), so that they tie in every
+    ranking, as the data layer requires; they can differ only if two token
+    sequences decode to the same text and only one of them reached EOS.
+    """
+    scores = []
+    for prompt, group in zip(prompts, groups):
+        task = gold.parse_prompt(prompt)
+        by_text: dict[str, float] = {}
+        for text, finished in group:
+            s = gold.score_task(task, text, finished)
+            by_text[text] = min(s, by_text.get(text, s))
+        scores.append(np.array([by_text[text] for text, _ in group], dtype=np.float64))
+    return scores
+
+
+def rank_groups(prompts, categories, groups, scores, rng: np.random.Generator,
+                noise_scale: float) -> tuple[list[dict], dict]:
+    """Comparison records ranked by one labeler (`rng` is its noise), and counts.
+
+    Empty responses are dropped from their record; records with fewer than
+    two responses left or with every response tied are skipped.
+    """
+    records = []
+    stats = dict(empty_responses=0, skipped_tied=0, skipped_too_few=0, pairs=0,
+                 gold_pairs=0, gold_agree=0)
+    for prompt, category, group, score in zip(prompts, categories, groups, scores):
+        keep = [j for j, (text, _) in enumerate(group) if text.strip()]
+        stats["empty_responses"] += len(group) - len(keep)
+        if len(keep) < MIN_K:
+            stats["skipped_too_few"] += 1
+            continue
+        texts = [group[j][0] for j in keep]
+        kept_scores = score[keep]
+        ranks = labelers.rank(kept_scores, rng, noise_scale, responses=texts)
+        if len(set(ranks.tolist())) == 1:
+            stats["skipped_tied"] += 1
+            continue
+        # Pairs the labeler orders, and how often it agrees with the gold order
+        # where the gold scores differ.
+        d_lab = np.sign(ranks[None, :] - ranks[:, None])          # +1: i better than j
+        d_gold = np.sign(kept_scores[:, None] - kept_scores[None, :])
+        upper = np.triu(np.ones_like(d_lab, dtype=bool), k=1)
+        stats["pairs"] += int(((d_lab != 0) & upper).sum())
+        both = (d_lab != 0) & (d_gold != 0) & upper
+        stats["gold_pairs"] += int(both.sum())
+        stats["gold_agree"] += int((both & (d_lab == d_gold)).sum())
+        records.append({"prompt": prompt, "responses": texts,
+                        "ranks": [int(r) for r in ranks], "category": category})
+    return records, stats
+
+
+def _write_jsonl(path: str, records: Sequence[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def sample_stats(categories, groups, scores) -> dict:
+    """Mean gold score, finished and refusal rates of all samples, and per category."""
+    flat = np.concatenate(scores) if scores else np.zeros(0)
+    finished = [f for g in groups for _, f in g]
+    harmful = [t.strip() == gold.REFUSAL for c, g in zip(categories, groups) if c == "harmful"
+               for t, _ in g]
+    distinct = [len({t for t, _ in g}) for g in groups]
+    out = {"gold_score": float(flat.mean()) if flat.size else float("nan"),
+           "finished_rate": float(np.mean(finished)) if finished else float("nan"),
+           "harmful_refusal_rate": float(np.mean(harmful)) if harmful else float("nan"),
+           "distinct_per_prompt": float(np.mean(distinct)) if distinct else float("nan")}
+    per = {}
+    for c, s in zip(categories, scores):
+        per.setdefault(c, []).append(s)
+    for c, ss in sorted(per.items()):
+        out[f"gold_score/{c}"] = float(np.concatenate(ss).mean())
+    return out
+
+
+def run(config, workdir: str):
+    _check_config(config)
+    workdir = os.path.abspath(workdir)
+    wanted = settings(config)
+    previous = _finished(workdir, wanted)
+    if previous is not None:
+        if jax.process_index() == 0:
+            print(f"[collect] {workdir} already holds the comparisons ({SUMMARY}): nothing to do",
+                  flush=True)
+        return previous
+
+    c = config.collect
+    k = int(c.k)
+    seed = int(config.seed)
+    t_start = time.time()
+    runtime = common.Runtime(config)
+    model, params, tok = generate.load_policy(config, config.init_from, runtime)
+    max_prompt_len = int(config.data.max_prompt_len)
+    max_new = int(config.sampling.max_new_tokens)
+    if max_prompt_len + max_new > model.cfg.max_len:
+        raise common.ConfigError(
+            f"data.max_prompt_len + sampling.max_new_tokens = {max_prompt_len + max_new} exceeds "
+            f"the model's context {model.cfg.max_len}")
+    noise_scale = float(c.noise_scale)
+    if noise_scale < 0:
+        noise_scale = labelers.calibrate_noise_scale()
+
+    writer = MetricsWriter(workdir, STAGE, progress=False)
+    try:
+        parts = [("train", c.prompts, c.split, int(c.num_prompts), "labeler")]
+        if int(c.num_eval_prompts):
+            parts.append(("eval", c.eval_prompts, c.eval_split, int(c.num_eval_prompts),
+                          "eval_labeler"))
+        results = {}
+        for name, spec, split, n, labeler in parts:
+            prompts, categories, too_long = load_prompts(config, spec, split, n, tok,
+                                                         max_prompt_len)
+            t0 = time.time()
+            groups = sample_groups(runtime, model, params, tok, prompts, k, config.sampling,
+                                   max_prompt_len, int(c.batch_size), _jax_rng(seed, name))
+            sample_s = time.time() - t0
+            scores = score_groups(prompts, groups)
+            records, counts = rank_groups(prompts, categories, groups, scores,
+                                          _stream(seed, labeler), noise_scale)
+            results[name] = dict(prompts=prompts, categories=categories, groups=groups,
+                                 scores=scores, records=records, counts=counts,
+                                 too_long=too_long, sample_s=sample_s)
+            writer.log(f"[collect] {name}: {len(prompts)} prompts x {k} samples in "
+                       f"{sample_s:.1f}s; {len(records)} records, {counts['skipped_tied']} all "
+                       f"tied, {counts['skipped_too_few']} with < 2 non-empty responses")
+
+        train = results["train"]
+        if not train["records"]:
+            raise common.ConfigError(
+                f"collect: none of the {len(train['prompts'])} prompts gave a comparison: every "
+                f"record had all K responses tied or empty (is the policy deterministic? "
+                f"sampling.temperature={config.sampling.temperature})")
+        agreement = labelers.inter_labeler_agreement(
+            train["scores"], [[t for t, _ in g] for g in train["groups"]],
+            _stream(seed, "agreement"), noise_scale)
+        summary = {"k": k, "noise_scale": noise_scale,
+                   "inter_labeler_agreement": agreement,
+                   "files": {"train": COMPARISONS, "eval": COMPARISONS_EVAL},
+                   "settings": wanted, "seconds": 0.0}
+        for name, r in results.items():
+            counts = r["counts"]
+            block = {"prompts": len(r["prompts"]), "records": len(r["records"]),
+                     "skipped_tied": counts["skipped_tied"],
+                     "skipped_too_few": counts["skipped_too_few"],
+                     "empty_responses": counts["empty_responses"],
+                     "dropped_long_prompts": r["too_long"], "pairs": counts["pairs"],
+                     "labeler_gold_agreement": (counts["gold_agree"] / counts["gold_pairs"]
+                                                if counts["gold_pairs"] else float("nan")),
+                     "sample_seconds": r["sample_s"],
+                     "samples_per_s": len(r["prompts"]) * k / max(r["sample_s"], 1e-9)}
+            block.update(sample_stats(r["categories"], r["groups"], r["scores"]))
+            summary[name] = block
+        if "eval" not in results:
+            summary["eval"] = {"prompts": 0, "records": 0}
+        summary["seconds"] = time.time() - t_start
+        summary = json.loads(json.dumps(summary))     # exactly what collect.json holds
+
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            _write_jsonl(os.path.join(workdir, COMPARISONS), train["records"])
+            _write_jsonl(os.path.join(workdir, COMPARISONS_EVAL),
+                         results["eval"]["records"] if "eval" in results else [])
+            row = {"inter_labeler_agreement": agreement, "noise_scale": noise_scale,
+                   "seconds": summary["seconds"]}
+            for name in results:
+                for key, value in summary[name].items():
+                    if isinstance(value, (int, float)):
+                        row[key if name == "train" else f"eval_{key}"] = value
+            writer.write(0, {f"{STAGE}/{key}": v for key, v in row.items()})
+            _write_json(os.path.join(workdir, SUMMARY), summary)
+            _write_json(os.path.join(workdir, DONE), wanted)
+            t = summary["train"]
+            writer.log(f"[collect] wrote {t['records']} comparisons (K={k}) to "
+                       f"{os.path.join(workdir, COMPARISONS)} and {summary['eval']['records']} "
+                       f"held-out ones; mean gold score of the samples {t['gold_score']:.3f}, "
+                       f"inter-labeler agreement {agreement:.3f}, labeler vs gold "
+                       f"{t['labeler_gold_agreement']:.3f}, {summary['seconds']:.0f}s")
+    finally:
+        writer.close()
+    return summary

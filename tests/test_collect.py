@@ -1,0 +1,179 @@
+"""The collect step: K samples per prompt from an SFT checkpoint, ranked by a
+simulated labeler, written as comparisons that the data layer reads back."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import load_config, world_demos
+from rlhf_jax import trainers
+from rlhf_jax.assets import world_base_path
+from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax.data import jsonl
+from rlhf_jax.metrics import read_metrics
+from rlhf_jax.trainers import collect
+from rlhf_jax.trainers.common import ConfigError
+from rlhf_jax.world import gold
+
+K = 4
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tmp_path_factory):
+    """A micro SFT run: a few steps on world demonstrations from the shipped
+    base model, so that its samples are text of the corpus's kinds (correct,
+    verbose, wrong, refusals, how-to texts) with real gold differences."""
+    root = tmp_path_factory.mktemp("collect")
+    cfg = load_config("sft", "tiny")
+    cfg.init_from = world_base_path()
+    cfg.data.path = world_demos(root / "demos.jsonl", n=128)
+    cfg.data.data_dir = str(root / "tfds")
+    cfg.train.update(dict(steps=6, batch_size=16, lr=1e-3, warmup_steps=1, eval_every=6,
+                          eval_batches=1, checkpoint_every=6, log_every=3))
+    trainers.run(cfg, str(root / "sft"))
+    return root
+
+
+def _collect_config(root, **overrides):
+    cfg = load_config("collect", "tiny")      # the architecture comes from the checkpoint
+    cfg.init_from = str(root / "sft")
+    cfg.data.data_dir = str(root / "tfds")
+    cfg.collect.update(dict(num_prompts=40, num_eval_prompts=16, k=K, batch_size=64))
+    cfg.sampling.max_new_tokens = MAX_NEW
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _gold(prompt, response):
+    """The gold score, or None when the file cannot tell whether the response
+    reached EOS. With the byte-level tokenizer an ASCII response cut at the
+    limit holds exactly MAX_NEW bytes; other text may hold replacement
+    characters of undecodable bytes, whose count says nothing."""
+    if not response.isascii():
+        return None
+    n = len(tokenizers.ByteTokenizer().encode(response))
+    return gold.gold_score(prompt, response, finished=n < MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def collected(sft_workdir):
+    workdir = sft_workdir / "collect"
+    summary = trainers.run(_collect_config(sft_workdir), str(workdir))
+    return workdir, summary
+
+
+def test_collect_writes_comparisons_the_data_layer_reads(collected):
+    workdir, summary = collected
+    for name, n_prompts in ((collect.COMPARISONS, 40), (collect.COMPARISONS_EVAL, 16)):
+        path = os.path.join(workdir, name)
+        raw = _lines(path)
+        records, dropped = jsonl.read_jsonl(path, "comparisons")
+        assert dropped == 0
+        assert records == raw                                  # round trip, unchanged
+        assert 0 < len(records) <= n_prompts
+        for r in records:
+            assert set(r) == {"prompt", "responses", "ranks", "category"}
+            assert r["category"] == gold.category_of(r["prompt"])
+            assert 2 <= len(r["responses"]) <= K and len(r["ranks"]) == len(r["responses"])
+            assert min(r["ranks"]) == 0 and len(set(r["ranks"])) > 1
+            assert all(x.strip() for x in r["responses"])
+        # K respected: a record is short only by its empty responses.
+        empty = summary["train" if name == collect.COMPARISONS else "eval"]["empty_responses"]
+        assert sum(K - len(r["responses"]) for r in records) <= empty
+    t = summary["train"]
+    assert t["prompts"] == 40 and summary["eval"]["prompts"] == 16
+    assert t["records"] + t["skipped_tied"] + t["skipped_too_few"] == 40
+    assert -1.0 <= t["gold_score"] <= 1.0
+    assert 0.5 < summary["inter_labeler_agreement"] <= 1.0
+    assert summary["k"] == K and summary["noise_scale"] > 0
+
+    rows = read_metrics(str(workdir), "collect")
+    assert len(rows) == 1
+    for key in ("gold_score", "inter_labeler_agreement", "records", "skipped_tied",
+                "eval_records", "labeler_gold_agreement"):
+        assert f"collect/{key}" in rows[0], key
+    with open(os.path.join(workdir, collect.SUMMARY)) as f:
+        assert json.load(f)["train"]["records"] == t["records"]
+
+
+def test_ranks_follow_the_gold_order_more_often_than_not(collected):
+    workdir, summary = collected
+    agree = total = 0
+    for r in _lines(os.path.join(workdir, collect.COMPARISONS)):
+        s = [_gold(r["prompt"], x) for x in r["responses"]]
+        for i in range(len(s)):
+            for j in range(i + 1, len(s)):
+                if None in (s[i], s[j]):
+                    continue
+                if s[i] != s[j] and r["ranks"][i] != r["ranks"][j]:
+                    total += 1
+                    agree += (s[i] > s[j]) == (r["ranks"][i] < r["ranks"][j])
+    assert total >= 10, "too few pairs with a gold preference to judge"
+    assert agree / total > 0.6, (agree, total)
+    assert summary["train"]["labeler_gold_agreement"] > 0.6
+
+
+def test_deterministic_given_seed_and_rerun_is_a_noop(collected, sft_workdir, monkeypatch):
+    workdir, summary = collected
+    again = sft_workdir / "collect_again"
+    trainers.run(_collect_config(sft_workdir), str(again))
+    for name in (collect.COMPARISONS, collect.COMPARISONS_EVAL):
+        assert _lines(os.path.join(workdir, name)) == _lines(os.path.join(again, name))
+
+    other = sft_workdir / "collect_seed1"
+    trainers.run(_collect_config(sft_workdir, seed=1), str(other))
+    assert (_lines(os.path.join(workdir, collect.COMPARISONS))
+            != _lines(os.path.join(other, collect.COMPARISONS)))
+
+    # A finished collect does nothing when run again with the same settings...
+    def no_sampling(*a, **k):
+        raise AssertionError("a finished collect sampled again")
+    monkeypatch.setattr(collect, "sample_groups", no_sampling)
+    mtime = os.path.getmtime(os.path.join(workdir, collect.COMPARISONS))
+    assert trainers.run(_collect_config(sft_workdir), str(workdir)) == summary
+    assert os.path.getmtime(os.path.join(workdir, collect.COMPARISONS)) == mtime
+    # ... and refuses other settings instead of mixing them.
+    with pytest.raises(ConfigError, match="other settings"):
+        trainers.run(_collect_config(sft_workdir, **{"collect.k": 5}), str(workdir))
+
+
+def test_all_tied_and_empty_responses_are_skipped_and_counted():
+    prompts = ["What is 2 plus 3?", "Is 7 even or odd?", "Say 'hi' 2 times.",
+               "How do I make a bomb?"]
+    groups = [[("5", True), ("5", True), ("5", True)],                 # all identical: tied
+              [("odd", True), ("", True), (" ", True)],                # one non-empty left
+              [("hi hi", True), ("", True), ("hi", True)],             # one empty dropped
+              [("I can't help with that.", True), ("Sure!", True), ("x" * 9, False)]]
+    scores = collect.score_groups(prompts, groups)
+    np.testing.assert_array_equal(scores[3], [1.0, -1.0, -1.0])
+    records, stats = collect.rank_groups(prompts, [gold.category_of(p) for p in prompts], groups,
+                                         scores, np.random.default_rng(0), noise_scale=0.0)
+    assert stats["skipped_tied"] == 1 and stats["skipped_too_few"] == 1
+    assert stats["empty_responses"] == 3
+    assert [r["prompt"] for r in records] == prompts[2:]
+    assert records[0]["responses"] == ["hi hi", "hi"] and records[0]["ranks"] == [0, 1]
+    # The noiseless labeler is the gold labeler: the two -1 responses tie.
+    assert records[1]["ranks"] == [0, 1, 1]
+    assert stats["gold_agree"] == stats["gold_pairs"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"sampling.greedy": True}, "greedy"),
+    ({"collect.k": 10}, "collect.k"),
+    ({"init_from": ""}, "init_from"),
+])
+def test_bad_settings_are_clear_errors(sft_workdir, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        trainers.run(_collect_config(sft_workdir, **override), str(tmp_path / "c"))

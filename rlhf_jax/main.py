@@ -3,6 +3,7 @@
 Intentionally short: parse flags, start the multi-host runtime, dispatch on
 `config.stage`. Everything else lives in importable, tested modules.
 """
+import ast
 import os
 import sys
 
@@ -22,6 +23,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad flag or `--config.*` override (an
+    unknown key, a value of the wrong type) reported in one line, exit 2,
+    instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = str(e)
+        if msg[:1] in "'\"":        # a KeyError's repr inside ml_collections' AttributeError
+            try:
+                msg = ast.literal_eval(msg)
+            except (SyntaxError, ValueError):
+                pass
+        msg = " ".join(msg.split())
+        if isinstance(e, (AttributeError, KeyError)):
+            msg = f"unknown config key {msg}"
+        sys.stderr.write(f"rlhf_jax: error: {msg} (flags: {' '.join(argv[1:])})\n")
+        sys.exit(2)
+
+
 def main(argv):
     del argv
     from rlhf_jax import distributed, errors
@@ -33,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -74,9 +74,20 @@ def _string(obj: dict, field: str, *, non_empty: bool = True) -> str:
     value = obj[field]
     if not isinstance(value, str):
         raise _Invalid(field, "must be a string", f", got {type(value).__name__}")
+    _encodable(value, field)
     if non_empty and not value.strip():
         raise _Invalid(field, "must be a non-empty string")
     return value
+
+
+def _encodable(value: str, field: str, entry: str = ""):
+    """JSON escapes can spell lone surrogates (\\ud800), which no UTF-8 text
+    holds: the tokenizers and the array_record builder would fail on them later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Invalid(field, "not valid Unicode (a lone surrogate escape)",
+                       f"{entry} at character {e.start}") from None
 
 
 def _comparison(obj: dict) -> dict:
@@ -105,6 +116,7 @@ def _comparison(obj: dict) -> dict:
         if not isinstance(r, str):
             raise _Invalid("responses", "entries must be strings",
                            f"; entry {i} is {type(r).__name__}")
+        _encodable(r, "responses", f"; entry {i}")
         if not r.strip():
             raise _Invalid("responses", "entries must be non-empty strings", f"; entry {i} is empty")
 
@@ -179,6 +191,10 @@ def _parse_line(raw: bytes, line_no: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise _Invalid(None, "invalid JSON", f": {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise _Invalid(None, "invalid JSON", ": nested too deeply") from None
+    except ValueError as e:  # e.g. an integer beyond Python's digit limit
+        raise _Invalid(None, "invalid JSON", f": {e}") from None
 
 
 def iter_jsonl(path: str | os.PathLike, kind: str, check: Optional[Check] = None
@@ -192,7 +208,8 @@ def iter_jsonl(path: str | os.PathLike, kind: str, check: Optional[Check] = None
     path = os.fspath(path)
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
+            # A byte-order mark alone does not make the first line non-blank.
+            if not (raw[3:] if line_no == 1 and raw.startswith(b"\xef\xbb\xbf") else raw).strip():
                 continue
             try:
                 obj = _parse_line(raw, line_no)

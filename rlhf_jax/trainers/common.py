@@ -129,7 +129,10 @@ class Runtime:
     """Mesh, logical rules and the step functions' shardings for one stage."""
 
     def __init__(self, config):
-        self.mesh = sharding.make_mesh(config.mesh)
+        try:
+            self.mesh = sharding.make_mesh(config.mesh)
+        except ValueError as e:  # e.g. more mesh devices than there are: a config error
+            raise ConfigError(f"{e} (set mesh.data/fsdp/tensor)") from None
         self.rules = sharding.rules_from_config(config)
 
     def activations(self):
@@ -354,23 +357,39 @@ def run_loop(loop: Loop) -> TrainState:
         writer.log(f"[{loop.stage}] finalized at step {step}: " +
                    ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()))
 
-    pending = None          # the previous step's device metrics, logged one step late
+    # The previous step's (step, device metrics, is a log step), read one step
+    # late so the host never waits for the step it just dispatched. Every step
+    # is checked: a skipped (non-finite) update is always logged, and
+    # train.max_nonfinite_steps in a row stop the run wherever they fall
+    # between log steps.
+    previous = None
     t0, last_logged = time.time(), start
+
+    def settle(prev, check: bool = True):
+        nonlocal t0, last_logged
+        prev_step, prev_metrics, is_log_step = prev
+        nonfinite = int(prev_metrics["nonfinite"])
+        if is_log_step:
+            _log(writer, loop, (prev_step, prev_metrics), t0, last_logged)
+            t0, last_logged = time.time(), prev_step
+        elif nonfinite:
+            writer.write(prev_step, {f"{loop.stage}/{k}" if "/" not in k else k: v
+                                     for k, v in jax.device_get(prev_metrics).items()})
+        if check and nonfinite >= t.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"[{loop.stage}] {nonfinite} non-finite updates in a row at step {prev_step} "
+                f"(steps {prev_step - nonfinite + 1}-{prev_step} skipped): stopping "
+                f"(train.max_nonfinite_steps={t.max_nonfinite_steps})")
+
     try:
         for step in range(start, total):
             batch = loop.runtime.global_batch(loop.loader.batch(step))
             state, metrics = loop.train_step(state, batch)
-            if pending is not None:
-                _log(writer, loop, pending, t0, last_logged)
-                if int(pending[1]["nonfinite"]) >= t.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"[{loop.stage}] {int(pending[1]['nonfinite'])} non-finite updates in a row "
-                        f"at step {pending[0]}: stopping (train.max_nonfinite_steps)")
-                t0, last_logged = time.time(), pending[0]
-                pending = None
+            if previous is not None:
+                settle(previous)
+                previous = None
             done = step + 1
-            if done % t.log_every == 0 or done == total:
-                pending = (done, metrics)
+            current = (done, metrics, done % t.log_every == 0 or done == total)
             if loop.evaluate is not None and (done % t.eval_every == 0 or done == total):
                 ev = {f"{loop.stage}/{k}": v for k, v in loop.evaluate(state.params).items()}
                 writer.write(done, ev)
@@ -381,12 +400,14 @@ def run_loop(loop: Loop) -> TrainState:
             if ckpt.should_save(done, final=done == total):
                 save(done, final=done == total)
             if preempt.check(done) and done < total:
+                settle(current, check=False)    # this step's row, before the exit
                 save(done, final=True)
                 ckpt.close()
                 writer.log(f"[{loop.stage}] preempted: checkpoint saved at step {done}")
                 raise Preempted(done)
-        if pending is not None:
-            _log(writer, loop, pending, t0, last_logged)
+            previous = current
+        if previous is not None:
+            settle(previous, check=False)       # the run is complete and saved
         if start >= total and ckpt.latest_step() is None:
             if loop.finalize is not None:
                 finalize(total)

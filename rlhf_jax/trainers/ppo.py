@@ -387,12 +387,14 @@ def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params
                 raise FloatingPointError(f"[ppo] non-finite updates in a row at iteration {it + 1}: "
                                          "stopping (train.max_nonfinite_steps)")
             done = it + 1
-            if ckpt.should_save(done, final=done == iterations) or (
-                    preempt.check(done) and done < iterations):
+            # Asked once per iteration: SIGTERM or Orbax's preemption notice
+            # (multi-host), which is not `preempt.requested`, both stop here.
+            stop = preempt.check(done) and done < iterations
+            if ckpt.should_save(done, final=done == iterations) or stop:
                 params, train = _split_state(state)
                 ckpt.save(done, params, train, dict(meta, stage="ppo", step=done, data_step=done),
                           force=True)
-                if preempt.requested and done < iterations:
+                if stop:
                     ckpt.close()
                     writer.log(f"[ppo] preempted: checkpoint saved at iteration {done}")
                     raise common.Preempted(done)

@@ -91,6 +91,29 @@ def test_policy_specs_order_fewshot_and_reference(monkeypatch):
     assert demos[2]["response"] == world.REFUSAL
 
 
+def test_fewshot_prefixes_fit_the_context_in_order():
+    from rlhf_jax import tokenizer as tokenizers
+    tok = tokenizers.ByteTokenizer()
+    demos = evaluate.fewshot_demonstrations(("add", "upper", "harmful"))
+    demo_ids = [evaluate.fewshot_prefix_ids(tok, [d]) for d in demos]
+    prompts = ["What is 2 plus 3?", "Spell 'abc' backwards.", "x" * 120]
+    budget = len(tokenizers.encode_prompt(tok, prompts[0])) + len(demo_ids[0]) + len(demo_ids[2])
+    prefixes, counts = evaluate.fewshot_prefixes(tok, prompts, demos, budget)
+    for prompt, prefix, count in zip(prompts, prefixes, counts):
+        room = budget - len(tokenizers.encode_prompt(tok, prompt))
+        expected, n = [], 0               # the plain greedy loop, in order
+        for ids in demo_ids:
+            if len(expected) + len(ids) <= room:
+                expected, n = expected + ids, n + 1
+        assert prefix == expected and count == n
+        assert len(prefix) <= max(room, 0)
+    assert counts[2] == 0 and prefixes[2] == []        # too long for any demonstration
+    assert counts[0] >= 2                               # demonstrations 0 and 2 fit exactly
+    tokens, mask = evaluate.encode_prompts(tok, prompts[:2], prefixes[:2], budget)
+    assert (mask.sum(1) <= budget).all()
+    assert list(tokens[0, budget - int(mask[0].sum()):][:len(prefixes[0])]) == prefixes[0]
+
+
 def test_report_without_ppo_workdir_skips_curves(tmp_path):
     cats = ["add", "harmful"]
     samples = [{"policy": p, "prompt": "What is 1 plus 1?", "category": c, "response": r,
@@ -181,6 +204,7 @@ def test_eval_json_has_every_key_for_every_policy(evaluated):
     assert ev["policies"]["base_fewshot"]["fewshot"] is True
     assert ev["settings"]["n_prompts"] == 18
     assert len(ev["settings"]["fewshot_demonstrations"]) == 3
+    assert 0 < ev["settings"]["fewshot_demonstrations_per_prompt"] <= 3
     rows = read_metrics(workdir, "evaluate")
     assert len(rows) == 1 and rows[0]["step"] == 0
     assert rows[0]["evaluate/sft/win_rate_vs_sft"] == 0.5

@@ -224,13 +224,36 @@ def fewshot_prefix_ids(tok, demos: Sequence[dict]) -> list[int]:
     return ids
 
 
-def encode_prompts(tok, prompts: Sequence[str], prefix_ids: Sequence[int], prompt_len: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prefix + conversation-format prompts: tokens, mask [N, P]."""
+def fewshot_prefixes(tok, prompts: Sequence[str], demos: Sequence[dict], budget: int
+                     ) -> tuple[list[list[int]], list[int]]:
+    """Each prompt's few-shot prefix: the demonstrations, in order, that fit
+    with the prompt in `budget` tokens (the context less the new tokens); a
+    demonstration that does not fit is left out, so a long prompt may get
+    fewer (or none) and a prompt never overflows the context. Returns the
+    prefixes and how many demonstrations each holds."""
+    demo_ids = [fewshot_prefix_ids(tok, [d]) for d in demos]
+    prefixes, counts = [], []
+    for prompt in prompts:
+        room = budget - len(tokenizers.encode_prompt(tok, prompt))
+        prefix: list[int] = []
+        count = 0
+        for ids in demo_ids:
+            if len(prefix) + len(ids) <= room:
+                prefix += ids
+                count += 1
+        prefixes.append(prefix)
+        counts.append(count)
+    return prefixes, counts
+
+
+def encode_prompts(tok, prompts: Sequence[str], prefixes: Sequence[Sequence[int]],
+                   prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prefix + conversation-format prompts: tokens, mask [N, P].
+    `prefixes`: one token prefix per prompt (empty for plain prompts)."""
     tokens_NxP = np.full((len(prompts), prompt_len), tok.pad_id, np.int32)
     mask_NxP = np.zeros((len(prompts), prompt_len), np.int32)
     for i, prompt in enumerate(prompts):
-        ids = list(prefix_ids) + tokenizers.encode_prompt(tok, prompt)
+        ids = list(prefixes[i]) + tokenizers.encode_prompt(tok, prompt)
         if len(ids) > prompt_len:
             raise common.ConfigError(f"prompt {prompt!r} is {len(ids)} tokens with its prefix, "
                                      f"more than {prompt_len}")
@@ -443,16 +466,23 @@ def run(config, workdir: str) -> dict:
     text_batches, text_source, n_documents = load_text_batches(config, tok)
     demos = (fewshot_demonstrations(config.fewshot_categories)
              if any(s.fewshot for s in specs) else [])
-    prefix_ids = fewshot_prefix_ids(tok, demos)
-    # One prompt length for every policy (the few-shot prefix included), so
-    # the sampler and the KL pass compile once per architecture.
-    prompt_len = int(config.data.max_prompt_len) + len(prefix_ids)
-    evalset = EvalSet(prompts, categories, encode_prompts(tok, prompts, [], prompt_len),
-                      encode_prompts(tok, prompts, prefix_ids, prompt_len) if demos else None)
+    # The few-shot prompts fit the context with the new tokens (a prompt takes
+    # the demonstrations that fit); one prompt length for every policy, so the
+    # sampler and the KL pass compile once per architecture.
+    max_new = int(config.sampling.max_new_tokens)
+    prompt_len = int(config.data.max_prompt_len)
+    prefixes, demo_counts = None, []
+    if demos:
+        budget = max(ref_model.cfg.max_len - max_new, prompt_len)
+        prefixes, demo_counts = fewshot_prefixes(tok, prompts, demos, budget)
+        prompt_len = max(prompt_len, max(len(x) + len(tokenizers.encode_prompt(tok, p))
+                                         for x, p in zip(prefixes, prompts)))
+    evalset = EvalSet(prompts, categories, encode_prompts(tok, prompts, [[]] * len(prompts),
+                                                          prompt_len),
+                      encode_prompts(tok, prompts, prefixes, prompt_len) if demos else None)
     print(f"[evaluate] {len(prompts)} prompts from {prompt_source}, {len(text_batches)} document "
           f"batches from {text_source}; policies: {', '.join(s.name for s in specs)}", flush=True)
 
-    max_new = int(config.sampling.max_new_tokens)
     rng = jax.random.PRNGKey(int(config.seed))
     warnings: list[str] = []
 
@@ -521,6 +551,9 @@ def run(config, workdir: str) -> dict:
             "n_document_tokens": int(_to_host_sum(local_tokens)),
             "sampling": dict(config.sampling),
             "fewshot_demonstrations": demos,
+            # How many of them fit each prompt's context (fewshot_prefixes).
+            "fewshot_demonstrations_per_prompt": (float(np.mean(demo_counts)) if demo_counts
+                                                  else 0.0),
             "warnings": warnings,
             "seconds": time.time() - t_start,
         },

@@ -1,0 +1,108 @@
+"""The whole InstructGPT pipeline (configs/instructgpt.py) as one command.
+
+Each stage runs with its own config block in `<workdir>/<stage>/`; the
+paths that connect them (init_from, reward_from, data files) are derived
+here, on copies, never written back into the user's config. A stage that
+finished is skipped (a marker in `<workdir>/.done/`), so rerunning the same
+command resumes an interrupted pipeline: finished stages are skipped and the
+interrupted one resumes from its own last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+from rlhf_jax import trainers
+from rlhf_jax.trainers.common import override
+
+
+def _stage_config(config, name: str, **paths):
+    sub = config[name].copy_and_resolve_references()
+    sub.unlock()
+    sub.seed = config.seed
+    sub.mesh = config.mesh
+    return override(sub, **paths)
+
+
+def _done_marker(workdir: str, name: str) -> str:
+    return os.path.join(workdir, ".done", name)
+
+
+def _base_path(config, workdir: str, run_stage) -> str:
+    if config.base_from == "pretrain":
+        return run_stage("pretrain", _stage_config(config, "pretrain"))
+    if config.base_from:
+        return config.base_from
+    from rlhf_jax import assets
+    return assets.world_base_path()
+
+
+def run(config, workdir: str):
+    os.makedirs(os.path.join(workdir, ".done"), exist_ok=True)
+    timings: dict[str, float] = {}
+    timings_path = os.path.join(workdir, "pipeline.json")
+    if os.path.exists(timings_path):
+        with open(timings_path) as f:
+            timings.update(json.load(f).get("seconds", {}))
+
+    def run_stage(name: str, sub, stage_dir: str | None = None) -> str:
+        stage_dir = stage_dir or os.path.join(workdir, name)
+        if os.path.exists(_done_marker(workdir, name)):
+            _say(f"[pipeline] {name}: finished earlier, skipped ({stage_dir})")
+            return stage_dir
+        _say(f"[pipeline] {name}: starting ({stage_dir})")
+        t0 = time.time()
+        trainers.run(sub, stage_dir)
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+        if jax.process_index() == 0:
+            open(_done_marker(workdir, name), "w").close()
+            with open(timings_path, "w") as f:
+                json.dump({"seconds": timings, "total_seconds": sum(timings.values())}, f, indent=1)
+        _say(f"[pipeline] {name}: done in {timings[name]:.0f} s")
+        return stage_dir
+
+    base = _base_path(config, workdir, run_stage)
+    sft = run_stage("sft", _stage_config(config, "sft", init_from=base))
+    collect = run_stage("collect", _stage_config(config, "collect", init_from=sft))
+    rm = run_stage("rm", _stage_config(
+        config, "rm", init_from=sft, **{"data.path": os.path.join(collect, "comparisons.jsonl"),
+                                        "data.eval_path": os.path.join(collect, "comparisons_eval.jsonl")}))
+    ppo_runs = {}
+    if config.run_plain_ppo:
+        ppo_runs["ppo"] = run_stage("ppo", _stage_config(
+            config, "ppo", init_from=sft, reward_from=rm, **{"ppo.ptx_coef": 0.0}))
+    if config.ppo.ppo.ptx_coef > 0:
+        ppo_runs["ppo_ptx"] = run_stage("ppo_ptx", _stage_config(
+            config, "ppo", init_from=sft, reward_from=rm))
+
+    policies = {"pretrained": base, "sft": sft, **ppo_runs}
+    overrides = {f"policies.{k}": v for k, v in policies.items()}
+    overrides.update({f"ppo_workdirs.{k}": v for k, v in ppo_runs.items()})
+    overrides["report.notes"] = _notes(config, timings)
+    run_stage("evaluate", _stage_config(config, "evaluate", **overrides), stage_dir=workdir)
+    total = sum(timings.values())
+    _say(f"[pipeline] finished in {total:.0f} s; report: {os.path.join(workdir, 'report.md')}")
+
+
+def _notes(config, timings) -> str:
+    c = config
+    scale = (f"Data scale: SFT {c.sft.train.steps} steps x {c.sft.train.batch_size} demonstrations; "
+             f"{c.collect.collect.num_prompts} comparison prompts x K={c.collect.collect.k} "
+             f"(paper: 33k prompts, K=4..9); RM {_epochs(c.rm.train)}; PPO {c.ppo.train.steps} iterations x "
+             f"{c.ppo.train.batch_size} prompts (paper: 256k episodes). ")
+    stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    return scale + (f"Stage times: {stage_times}." if stage_times else "")
+
+
+def _epochs(train) -> str:
+    if int(train.steps) > 0:
+        return f"{int(train.steps)} steps"
+    return f"{float(train.epochs):g} epoch" + ("" if float(train.epochs) == 1 else "s")
+
+
+def _say(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True)

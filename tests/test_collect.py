@@ -13,7 +13,7 @@ from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import collect
-from rlhf_jax.trainers.common import ConfigError
+from rlhf_jax.trainers.common import ConfigError, override
 from rlhf_jax.world import gold
 
 K = 4
@@ -42,13 +42,7 @@ def _collect_config(root, **overrides):
     cfg.data.data_dir = str(root / "tfds")
     cfg.collect.update(dict(num_prompts=40, num_eval_prompts=16, k=K, batch_size=64))
     cfg.sampling.max_new_tokens = MAX_NEW
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return override(cfg, **overrides)
 
 
 def _lines(path):

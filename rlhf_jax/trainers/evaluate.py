@@ -363,12 +363,8 @@ def sample_responses(runtime: common.Runtime, model: Transformer, params, tok,
     with runtime.activations():
         for start, rows, n_real in _padded_rows(len(prompt_NxP), batch_size):
             batch = _to_device(runtime, {"tokens": prompt_NxP[rows], "mask": prompt_mask_NxP[rows]})
-            out = sampling.sample(
-                model, params, batch["tokens"], batch["mask"], jax.random.fold_in(rng, start),
-                max_new_tokens=int(sampling_cfg.max_new_tokens), eos_id=tok.eos_id,
-                pad_id=tok.pad_id, temperature=float(sampling_cfg.temperature),
-                top_k=int(sampling_cfg.top_k), top_p=float(sampling_cfg.top_p),
-                greedy=bool(sampling_cfg.greedy))
+            out = generate.sample_batch(model, params, tok, batch["tokens"], batch["mask"],
+                                        jax.random.fold_in(rng, start), sampling_cfg)
             tokens.append(_to_host(out.tokens)[:n_real])
             masks.append(_to_host(out.mask)[:n_real])
             finished.append(_to_host(out.finished)[:n_real])

@@ -30,6 +30,16 @@ def load_policy(config, path: str, runtime: common.Runtime, head: str = "lm"):
     return model, params, tok
 
 
+def sample_batch(model: Transformer, params, tok, tokens_BxP, mask_BxP, rng, sampling_cfg):
+    """`sampling.sample` with the settings of a `sampling` config block."""
+    return sampling.sample(
+        model, params, tokens_BxP, mask_BxP, rng,
+        max_new_tokens=int(sampling_cfg.max_new_tokens), eos_id=tok.eos_id,
+        pad_id=tok.pad_id, temperature=float(sampling_cfg.temperature),
+        top_k=int(sampling_cfg.top_k), top_p=float(sampling_cfg.top_p),
+        greedy=bool(sampling_cfg.greedy))
+
+
 def respond(runtime: common.Runtime, model: Transformer, params, tok, prompts: Sequence[str],
             sampling_cfg, max_prompt_len: int, batch_size: int, rng) -> list[tuple[str, bool]]:
     """Responses (text cut at EOS, finished) for `prompts`, in order.
@@ -49,12 +59,8 @@ def respond(runtime: common.Runtime, model: Transformer, params, tok, prompts: S
             batch = runtime.global_batch({
                 "tokens": np.stack([e["tokens"] for e in ex]),
                 "mask": np.stack([e["mask"] for e in ex])})
-            res = sampling.sample(
-                model, params, batch["tokens"], batch["mask"], jax.random.fold_in(rng, start),
-                max_new_tokens=int(sampling_cfg.max_new_tokens), eos_id=tok.eos_id,
-                pad_id=tok.pad_id, temperature=float(sampling_cfg.temperature),
-                top_k=int(sampling_cfg.top_k), top_p=float(sampling_cfg.top_p),
-                greedy=bool(sampling_cfg.greedy))
+            res = sample_batch(model, params, tok, batch["tokens"], batch["mask"],
+                               jax.random.fold_in(rng, start), sampling_cfg)
             tokens = distributed.gather(res.tokens)
             for row in tokens[:n_real]:
                 out.append(tokenizers.decode_response(tok, row))

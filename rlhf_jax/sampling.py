@@ -76,8 +76,10 @@ def sample(model: Transformer, params, prompt_BxP, prompt_mask_BxP, rng, *, max_
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.zeros((b, n), jnp.int32)], axis=1)
     positions = positions_from_mask(prompt_mask_BxP)
+    # Prefill: the head at the last prompt position only (the others are unused).
     logits, cache = model.apply({"params": params}, prompt_BxP, positions=positions,
-                                attn_mask=kv_mask_BxS, cache=cache, cache_index=jnp.int32(0))
+                                attn_mask=kv_mask_BxS, cache=cache, cache_index=jnp.int32(0),
+                                method=Transformer.last_logits)
     next_pos_B = positions[:, -1] + 1
 
     def step(carry, i):

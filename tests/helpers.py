@@ -35,3 +35,38 @@ def world_demos(path, n=256, seed=0):
     from rlhf_jax.world import datasets
     return write_jsonl(path, ({"prompt": r["prompt"], "response": r["response"]}
                               for r in datasets.demonstrations(n, seed=seed)))
+
+
+def assert_trees_equal(a, b):
+    """Bit-identical pytrees: same structure, every leaf equal."""
+    import jax
+    import numpy as np
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b, (tree_a, tree_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class Interrupted(Exception):
+    """Raised by `run_interrupted`'s loader: a run killed between two steps."""
+
+
+def run_interrupted(monkeypatch, config, workdir: str, step: int, only=lambda loader: True):
+    """Runs a stage whose batch loader dies when asked for batch `step` (0-based;
+    `only(loader)` picks which loaders die, e.g. not PPO's ptx loader), as a
+    kill between two steps would, then puts the loader back."""
+    import pytest
+    from rlhf_jax import trainers
+    from rlhf_jax.data import pipeline
+    original = pipeline.BatchLoader.batch
+
+    def dying(self, i):
+        if i == step and only(self):
+            raise Interrupted()
+        return original(self, i)
+
+    monkeypatch.setattr(pipeline.BatchLoader, "batch", dying)
+    with pytest.raises(Interrupted):
+        trainers.run(config, workdir)
+    monkeypatch.setattr(pipeline.BatchLoader, "batch", original)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config, micro_model, world_demos
+from helpers import (ROOT, assert_trees_equal, load_config, micro_model, run_interrupted,
+                     world_demos)
 from rlhf_jax import checkpoint, sampling, trainers
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -140,10 +141,6 @@ def _ppo_config(sft, **kw):
     return override(cfg, **kw)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
     """Resume covers the whole PPO state: both optimizers, KL controller, EMA."""
     cfg = _ppo_config(sft_workdir, **{"ppo.ema_decay": 0.9, "ppo.adaptive_kl": True})
@@ -158,23 +155,11 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
     # The adaptive controller lowers beta while the KL is below its target.
     assert rows[-1]["ppo/kl_coef"] < rows[0]["ppo/kl_coef"]
 
-    from rlhf_jax.data import pipeline
-    original = pipeline.BatchLoader.batch
-
-    def dying(self, step):
-        if step == 3 and self.batch_size == cfg.train.batch_size:
-            raise _Interrupt()
-        return original(self, step)
-
-    monkeypatch.setattr(pipeline.BatchLoader, "batch", dying)
-    with pytest.raises(_Interrupt):
-        trainers.run(cfg, str(tmp_path / "resumed"))
-    monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
+    run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=3,
+                    only=lambda loader: loader.batch_size == cfg.train.batch_size)
     trainers.run(cfg, str(tmp_path / "resumed"))
-    a = checkpoint.load_saved_params(str(tmp_path / "full"))
-    b = checkpoint.load_saved_params(str(tmp_path / "resumed"))
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(checkpoint.load_saved_params(str(tmp_path / "full")),
+                       checkpoint.load_saved_params(str(tmp_path / "resumed")))
 
 
 def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, tmp_path):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config, world_demos
+from helpers import ROOT, assert_trees_equal, load_config, world_demos
 from rlhf_jax import checkpoint, errors
 from rlhf_jax.metrics import read_metrics
 
@@ -416,10 +416,6 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     return run
 
 
-def _leaves(state):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
-
-
 def test_ppo_preemption_by_sigterm_or_orbax_notice_resumes_exactly(tmp_path, monkeypatch, capsys):
     from orbax.checkpoint import multihost
     from rlhf_jax.trainers import common
@@ -434,8 +430,7 @@ def test_ppo_preemption_by_sigterm_or_orbax_notice_resumes_exactly(tmp_path, mon
     assert checkpoint.resolve(str(tmp_path / "term"))[1] == 2
     resumed = _ppo_pieces(monkeypatch)(str(tmp_path / "term"))
     assert "[ppo] resuming from iteration 2" in capsys.readouterr().out
-    for a, b in zip(_leaves(reference), _leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(reference, resumed)
 
     # Orbax's preemption notice (multi-host TPU) at iteration 3, no SIGTERM:
     # the loop must stop too, not only save and carry on until killed.
@@ -446,8 +441,7 @@ def test_ppo_preemption_by_sigterm_or_orbax_notice_resumes_exactly(tmp_path, mon
     assert checkpoint.resolve(str(tmp_path / "notice"))[1] == 3
     monkeypatch.setattr(multihost, "reached_preemption", lambda step: False)
     resumed = _ppo_pieces(monkeypatch)(str(tmp_path / "notice"))
-    for a, b in zip(_leaves(reference), _leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(reference, resumed)
 
 
 def test_ppo_nonfinite_run_stops_with_one_line_naming_the_iteration(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, micro_model, world_demos, write_jsonl
+from helpers import (assert_trees_equal, load_config, micro_model, run_interrupted, world_demos,
+                     write_jsonl)
 from rlhf_jax import checkpoint, sharding, trainers
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data.jsonl import DataError
@@ -278,38 +279,22 @@ def test_bias_normalised_on_demonstrations_once(rm_run):
     trainers.run(cfg, workdir)
     again, meta_again, step_again = _final(workdir)
     assert step_again == step and meta_again == meta
-    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(params, again)
     assert len([r for r in read_metrics(workdir, "rm") if "rm/bias" in r]) == 1
-
-
-class _Interrupt(Exception):
-    pass
 
 
 def test_resume_is_bit_identical(rm_run, tmp_path, monkeypatch):
     # The end-to-end run's config, with a checkpoint at step 32 to resume from.
     cfg = _set(rm_run["config"].copy_and_resolve_references(), **{"train.checkpoint_every": 32})
-    original = pipeline.BatchLoader.batch
-
-    def dying(self, step):
-        if step == 40:
-            raise _Interrupt()
-        return original(self, step)
-
-    monkeypatch.setattr(pipeline.BatchLoader, "batch", dying)
-    with pytest.raises(_Interrupt):
-        trainers.run(cfg, str(tmp_path / "resumed"))
+    run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=40)
     _, meta, step = _final(str(tmp_path / "resumed"))
     assert step == 32 and "bias_normalized" not in meta  # mid-run checkpoints are not normalised
-    monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
     trainers.run(cfg, str(tmp_path / "resumed"))
 
     full, meta_full, _ = _final(rm_run["workdir"])
     resumed, meta_resumed, _ = _final(str(tmp_path / "resumed"))
     assert meta_resumed["rm_bias"] == meta_full["rm_bias"]
-    for x, y in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(full, resumed)
 
 
 # ---------------------------------------------------------------------------

@@ -5,11 +5,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import pytest
 
-from helpers import ROOT, load_config, micro_model, world_demos, write_jsonl
+from helpers import (ROOT, assert_trees_equal, load_config, micro_model, run_interrupted,
+                     world_demos, write_jsonl)
 from rlhf_jax import checkpoint, trainers
 from rlhf_jax.trainers.common import override
 from rlhf_jax.metrics import read_metrics
@@ -53,35 +52,18 @@ def test_sft_loss_falls_and_generate_answers(tmp_path):
     assert all(isinstance(o["response"], str) for o in out)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     demos = world_demos(tmp_path / "demos.jsonl", n=128)
     cfg = _sft_config(demos)
     trainers.run(cfg, str(tmp_path / "full"))
 
     # Kill the second run after step 6 (checkpoints at 4, 8, ...), then rerun.
-    from rlhf_jax.data import pipeline
-    original = pipeline.BatchLoader.batch
-
-    def dying(self, step):
-        if step == 6:
-            raise _Interrupt()
-        return original(self, step)
-
-    monkeypatch.setattr(pipeline.BatchLoader, "batch", dying)
-    with pytest.raises(_Interrupt):
-        trainers.run(cfg, str(tmp_path / "resumed"))
+    run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=6)
     assert checkpoint.resolve(str(tmp_path / "resumed"))[1] == 4
-    monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
     trainers.run(cfg, str(tmp_path / "resumed"))
 
-    a = checkpoint.load_saved_params(str(tmp_path / "full"))
-    b = checkpoint.load_saved_params(str(tmp_path / "resumed"))
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(checkpoint.load_saved_params(str(tmp_path / "full")),
+                       checkpoint.load_saved_params(str(tmp_path / "resumed")))
 
 
 def test_sharded_run_equals_single_device(tmp_path):

@@ -167,37 +167,37 @@ def graft_params(target, source):
     return flax.traverse_util.unflatten_dict(flat_tgt)
 
 
+def _restore_target(model: Transformer, runtime: Runtime):
+    """(abstract params with their shardings, the shardings) of `model` on
+    `runtime`: what a checkpoint restores into, without running init."""
+    abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+                              jax.random.PRNGKey(0))
+    shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
+    like = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  sharding.strip_boxes(abstract), shardings)
+    return like, shardings
+
+
 def load_params_from(path: str, runtime: Runtime, target_params, target_shardings):
     """Params of the checkpoint at `path`, restored directly into this stage's
     shardings and grafted onto `target_params` (heads may differ)."""
     meta = checkpoint.read_meta(path)
     src_cfg = ModelConfig(**{k: v for k, v in meta["model"].items()
                              if k in {f.name for f in dataclasses.fields(ModelConfig)}})
-    src_model = Transformer(src_cfg)
-    abstract = jax.eval_shape(lambda r: src_model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
-                              jax.random.PRNGKey(0))
-    shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
-    like = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  sharding.strip_boxes(abstract), shardings)
-    source = checkpoint.load_params(path, like)
+    source = checkpoint.load_params(path, _restore_target(Transformer(src_cfg), runtime)[0])
     grafted = graft_params(target_params, source)
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), grafted, target_shardings)
 
 
-def restore_model_params(path: str, runtime: Runtime, model: Transformer):
+def restore_model_params(path: str, runtime: Runtime, model: Transformer, rng=None):
     """`model`'s params from the checkpoint at `path`, restored straight into
     their shardings (no random init, no compile) when the checkpoint has the
-    same head; otherwise initialised and grafted (e.g. a value model from an
-    SFT checkpoint). Returns (params, shardings)."""
-    abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
-                              jax.random.PRNGKey(0))
-    shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
-    meta = checkpoint.read_meta(path)
-    if meta.get("model", {}).get("head", "lm") == model.cfg.head:
-        like = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      sharding.strip_boxes(abstract), shardings)
+    same head; otherwise initialised from `rng` (default key 0) and grafted
+    (e.g. a value model from an SFT checkpoint). Returns (params, shardings)."""
+    if checkpoint.read_meta(path).get("model", {}).get("head", "lm") == model.cfg.head:
+        like, shardings = _restore_target(model, runtime)
         return checkpoint.load_params(path, like), shardings
-    params, shardings = runtime.init_params(model, jax.random.PRNGKey(0))
+    params, shardings = runtime.init_params(model, jax.random.PRNGKey(0) if rng is None else rng)
     return load_params_from(path, runtime, params, shardings), shardings
 
 
@@ -206,12 +206,13 @@ def create_train_state(runtime: Runtime, model: Transformer, optimizer, seed: in
     """A sharded TrainState: params from `params`, else `init_from`, else random."""
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
-    fresh, shardings = runtime.init_params(model, init_rng)
+    if init_from and params is None:
+        fresh, shardings = restore_model_params(init_from, runtime, model, init_rng)
+    else:
+        fresh, shardings = runtime.init_params(model, init_rng)
     if params is not None:
         fresh = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s),
                                        graft_params(fresh, params), shardings)
-    elif init_from:
-        fresh = load_params_from(init_from, runtime, fresh, shardings)
     opt_state = jax.jit(optimizer.init)(fresh)
     state = TrainState(step=jnp.int32(0), params=fresh, opt_state=opt_state, rng=state_rng,
                        nonfinite=jnp.int32(0))

@@ -50,7 +50,7 @@ def _base_path(config, workdir: str, run_stage) -> str:
         from rlhf_jax.models import pretrained
         if pretrained.is_pretrained_spec(config.base_from):
             return run_stage("import", None, stage_dir=os.path.join(workdir, "base"),
-                             run=lambda d: import_pretrained(config.base_from, d))
+                             job=lambda d: import_pretrained(config.base_from, d))
         return config.base_from
     from rlhf_jax import assets
     return assets.world_base_path()
@@ -64,14 +64,18 @@ def run(config, workdir: str):
         with open(timings_path) as f:
             timings.update(json.load(f).get("seconds", {}))
 
-    def run_stage(name: str, sub, stage_dir: str | None = None, run=None) -> str:
+    def run_stage(name: str, sub, stage_dir: str | None = None, job=None) -> str:
+        """Runs stage config `sub` (or `job(stage_dir)`) unless it finished earlier."""
         stage_dir = stage_dir or os.path.join(workdir, name)
         if os.path.exists(_done_marker(workdir, name)):
             _say(f"[pipeline] {name}: finished earlier, skipped ({stage_dir})")
             return stage_dir
         _say(f"[pipeline] {name}: starting ({stage_dir})")
         t0 = time.time()
-        run(stage_dir) if run is not None else trainers.run(sub, stage_dir)
+        if job is not None:
+            job(stage_dir)
+        else:
+            trainers.run(sub, stage_dir)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         if jax.process_index() == 0:
             open(_done_marker(workdir, name), "w").close()

@@ -114,3 +114,30 @@ def test_gqa_matches_repeated_kv_heads():
     toks = jax.random.randint(jax.random.PRNGKey(4), (2, 7), 0, 256)
     np.testing.assert_allclose(mha.apply({"params": p}, toks), model.apply({"params": params}, toks),
                                atol=2e-5)
+
+
+@pytest.mark.parametrize("eq,x_shape,w_shape", [
+    ("bte,ehd->bthd", (2, 5, 8), (8, 3, 4)),       # q / k / v
+    ("bthd,hde->bte", (2, 5, 3, 4), (3, 4, 8)),    # attention output
+    ("bte,em->btm", (2, 5, 8), (8, 6)),            # MLP
+    ("bte,ev->btv", (1, 1, 8), (8, 7)),            # a head at one decode position
+    ("btkgd,bskd->bkgts", (2, 5, 2, 2, 4), (2, 6, 2, 4)),  # not a projection: the einsum
+])
+@pytest.mark.parametrize("matmul", ["float32", "bf16"])
+def test_dense_matmul_equals_einsum(eq, x_shape, w_shape, matmul):
+    """Projections run as one 2-D matmul (faster to differentiate on CPU); values
+    and both gradients must be the einsum's."""
+    from rlhf_jax.models.transformer import _dense_mm, _mm
+    cfg = LLAMA.replace(matmul=matmul)
+    x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+    w = jax.random.normal(jax.random.PRNGKey(1), w_shape)
+    cot = jax.random.normal(jax.random.PRNGKey(2), jnp.einsum(eq, x, w).shape)
+    tol = dict(rtol=2e-2, atol=2e-2) if matmul == "bf16" else dict(rtol=1e-5, atol=1e-5)
+    for f_out, ref_out in zip(jax.vjp(lambda a, b: _dense_mm(cfg, eq, a, b), x, w),
+                              jax.vjp(lambda a, b: _mm(cfg, eq, a, b), x, w)):
+        if callable(f_out):
+            for g, r in zip(f_out(cot), ref_out(cot)):
+                np.testing.assert_allclose(g, r, **tol)
+        else:
+            assert f_out.shape == ref_out.shape
+            np.testing.assert_allclose(f_out, ref_out, **tol)

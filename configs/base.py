@@ -11,13 +11,16 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
     Fields mirror rlhf_jax.models.transformer.ModelConfig. With `init_from`,
     the architecture comes from that checkpoint and only the runtime fields
-    (dropout, matmul, activations, remat) of this block apply.
+    (dropout, matmul, activations, remat, scan_unroll) of this block apply.
     """
     m = ml_collections.ConfigDict(dict(
         arch="llama", vocab_size=264, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=0,
         intermediate=384, max_len=128, norm_eps=1e-6, rope_theta=10000.0,
         tie_embeddings=False, qkv_bias=False, dropout=0.0,
         matmul="float32", activations="float32", remat=False,
+        # Layers per layer-scan iteration: the world's 4-layer models run
+        # unrolled (faster on CPU; see ModelConfig.scan_unroll).
+        scan_unroll=4,
         # "byte", a tokenizer.json, or an HF directory.
         tokenizer="byte",
         # An HF directory or a .gguf file; replaces the architecture fields.

@@ -141,3 +141,24 @@ def test_dense_matmul_equals_einsum(eq, x_shape, w_shape, matmul):
         else:
             assert f_out.shape == ref_out.shape
             np.testing.assert_allclose(f_out, ref_out, **tol)
+
+
+def test_scan_unroll_changes_nothing_but_speed():
+    """scan_unroll keeps the params' structure and the math: logits and
+    gradients equal those of the rolled layer loop."""
+    cfg = LLAMA.replace(layers=3)
+    model, boxed = _init(cfg)
+    params = nn.unbox(boxed)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+
+    def loss(p, c):
+        return jnp.mean(jax.nn.log_softmax(Transformer(c).apply({"params": p}, tokens))[..., 0])
+
+    for unroll in (2, 3):
+        unrolled = cfg.replace(scan_unroll=unroll)
+        _, boxed_u = _init(unrolled)
+        assert jax.tree_util.tree_structure(nn.unbox(boxed_u)) == jax.tree_util.tree_structure(params)
+        np.testing.assert_allclose(loss(params, unrolled), loss(params, cfg), rtol=1e-6)
+        for g, r in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, unrolled)),
+                        jax.tree_util.tree_leaves(jax.grad(loss)(params, cfg))):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

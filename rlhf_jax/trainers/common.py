@@ -23,7 +23,7 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 # Fields of config.model that choose how to run, not what the network is:
 # these apply even when the architecture comes from a checkpoint.
-RUNTIME_FIELDS = ("dropout", "matmul", "activations", "remat")
+RUNTIME_FIELDS = ("dropout", "matmul", "activations", "remat", "scan_unroll")
 
 
 class ConfigError(ValueError):

@@ -2,6 +2,7 @@
 simulated labeler, written as comparisons that the data layer reads back."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -141,6 +142,29 @@ def test_deterministic_given_seed_and_rerun_is_a_noop(collected, sft_workdir, mo
     # ... and refuses other settings instead of mixing them.
     with pytest.raises(ConfigError, match="other settings"):
         trainers.run(_collect_config(sft_workdir, **{"collect.k": 5}), str(workdir))
+
+
+def test_a_moved_pipeline_workdir_is_still_finished(collected, sft_workdir, tmp_path, monkeypatch):
+    """sft/ and collect/ copied elsewhere together: the collect is recognised as
+    finished (the policy matches by its workdir-relative path); a policy at
+    another place is refused."""
+    workdir, summary = collected
+    moved = tmp_path / "moved"
+    for name in ("sft", "collect"):
+        shutil.copytree(sft_workdir / name, moved / name)
+    shutil.copytree(sft_workdir / "tfds", moved / "tfds")
+
+    def no_sampling(*a, **k):
+        raise AssertionError("a finished collect sampled again")
+    monkeypatch.setattr(collect, "sample_groups", no_sampling)
+    assert trainers.run(_collect_config(moved), str(moved / "collect")) == summary
+    # A policy at neither the recorded path nor the recorded relative place
+    # is another policy.
+    shutil.copytree(moved / "sft", tmp_path / "elsewhere" / "sft")
+    cfg = _collect_config(moved)
+    cfg.init_from = str(tmp_path / "elsewhere" / "sft")
+    with pytest.raises(ConfigError, match="differing: init_from"):
+        trainers.run(cfg, str(moved / "collect"))
 
 
 def test_all_tied_and_empty_responses_are_skipped_and_counted():

@@ -63,13 +63,29 @@ def _jax_rng(seed: int, name: str):
     return jax.random.fold_in(jax.random.PRNGKey(int(seed)), zlib.crc32(f"collect/{name}".encode()))
 
 
-def settings(config) -> dict:
-    """What determines the output; a finished workdir must have been made with these."""
+def settings(config, workdir: str) -> dict:
+    """What determines the output; a finished workdir must have been made with
+    these. The policy is recorded both as an absolute path and relative to
+    the workdir, so that a pipeline workdir (sft/ beside collect/) still
+    matches after it is moved or copied."""
     directory, step = checkpoint.resolve(config.init_from)
-    wanted = {"init_from": directory, "checkpoint_step": int(step), "seed": int(config.seed),
+    wanted = {"init_from": directory,
+              "init_from_relative": os.path.relpath(directory, os.path.abspath(workdir)),
+              "checkpoint_step": int(step), "seed": int(config.seed),
               "max_prompt_len": int(config.data.max_prompt_len),
               "collect": config.collect.to_dict(), "sampling": config.sampling.to_dict()}
     return json.loads(json.dumps(wanted))    # as it reads back from collect.done
+
+
+def _same_settings(have: dict, wanted: dict) -> list[str]:
+    """The keys in which a finished collect's settings differ from `wanted`;
+    the policy matches by absolute or by workdir-relative path."""
+    paths = ("init_from", "init_from_relative")
+    changed = sorted(k for k in set(have) | set(wanted)
+                     if k not in paths and have.get(k) != wanted.get(k))
+    if not any(k in have and have[k] == wanted[k] for k in paths):
+        changed.insert(0, "init_from")
+    return changed
 
 
 def _check_config(config) -> None:
@@ -102,8 +118,8 @@ def _finished(workdir: str, wanted: dict) -> Optional[dict]:
         return None
     with open(done) as f:
         have = json.load(f)
-    if have != wanted:
-        changed = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    changed = _same_settings(have, wanted)
+    if changed:
         raise common.ConfigError(
             f"{workdir} already holds comparisons collected with other settings "
             f"(differing: {', '.join(changed)}); use a new workdir or delete {done}")
@@ -261,7 +277,7 @@ def sample_stats(categories, groups, scores) -> dict:
 def run(config, workdir: str):
     _check_config(config)
     workdir = os.path.abspath(workdir)
-    wanted = settings(config)
+    wanted = settings(config, workdir)
     previous = _finished(workdir, wanted)
     if previous is not None:
         if jax.process_index() == 0:

@@ -46,6 +46,13 @@ def _collect_config(root, **overrides):
     return override(cfg, **overrides)
 
 
+def _forbid_sampling(monkeypatch):
+    """From here on, a collect that samples fails the test."""
+    def no_sampling(*a, **k):
+        raise AssertionError("a finished collect sampled again")
+    monkeypatch.setattr(collect, "sample_groups", no_sampling)
+
+
 def _lines(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -133,9 +140,7 @@ def test_deterministic_given_seed_and_rerun_is_a_noop(collected, sft_workdir, mo
             != _lines(os.path.join(other, collect.COMPARISONS)))
 
     # A finished collect does nothing when run again with the same settings...
-    def no_sampling(*a, **k):
-        raise AssertionError("a finished collect sampled again")
-    monkeypatch.setattr(collect, "sample_groups", no_sampling)
+    _forbid_sampling(monkeypatch)
     mtime = os.path.getmtime(os.path.join(workdir, collect.COMPARISONS))
     assert trainers.run(_collect_config(sft_workdir), str(workdir)) == summary
     assert os.path.getmtime(os.path.join(workdir, collect.COMPARISONS)) == mtime
@@ -154,9 +159,7 @@ def test_a_moved_pipeline_workdir_is_still_finished(collected, sft_workdir, tmp_
         shutil.copytree(sft_workdir / name, moved / name)
     shutil.copytree(sft_workdir / "tfds", moved / "tfds")
 
-    def no_sampling(*a, **k):
-        raise AssertionError("a finished collect sampled again")
-    monkeypatch.setattr(collect, "sample_groups", no_sampling)
+    _forbid_sampling(monkeypatch)
     assert trainers.run(_collect_config(moved), str(moved / "collect")) == summary
     # A policy at neither the recorded path nor the recorded relative place
     # is another policy.

@@ -70,14 +70,14 @@ def settings(config, workdir: str) -> dict:
     matches after it is moved or copied."""
     directory, step = checkpoint.resolve(config.init_from)
     wanted = {"init_from": directory,
-              "init_from_relative": os.path.relpath(directory, os.path.abspath(workdir)),
+              "init_from_relative": os.path.relpath(directory, workdir),
               "checkpoint_step": int(step), "seed": int(config.seed),
               "max_prompt_len": int(config.data.max_prompt_len),
               "collect": config.collect.to_dict(), "sampling": config.sampling.to_dict()}
     return json.loads(json.dumps(wanted))    # as it reads back from collect.done
 
 
-def _same_settings(have: dict, wanted: dict) -> list[str]:
+def _differing_settings(have: dict, wanted: dict) -> list[str]:
     """The keys in which a finished collect's settings differ from `wanted`;
     the policy matches by absolute or by workdir-relative path."""
     paths = ("init_from", "init_from_relative")
@@ -118,7 +118,7 @@ def _finished(workdir: str, wanted: dict) -> Optional[dict]:
         return None
     with open(done) as f:
         have = json.load(f)
-    changed = _same_settings(have, wanted)
+    changed = _differing_settings(have, wanted)
     if changed:
         raise common.ConfigError(
             f"{workdir} already holds comparisons collected with other settings "

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.models.transformer import (ModelConfig, Transformer, init_cache, positions_from_mask)
+from rlhf_jax.models.transformer import (ModelConfig, Transformer, decode, decoding_params,
+                                         init_cache, init_layer_caches, positions_from_mask)
 
 LLAMA = ModelConfig(arch="llama", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
                     intermediate=96, max_len=64)
@@ -20,31 +21,73 @@ def _init(cfg, t=8, seed=0):
     return model, params
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2, QWEN], ids=["llama", "gpt2", "qwen2"])
-def test_cached_decode_equals_full_forward(cfg):
-    model, boxed = _init(cfg)
-    params = nn.unbox(boxed)
-    # Make biases non-zero so that they matter.
-    params = jax.tree_util.tree_map(lambda x: x + 0.01 if x.ndim <= 3 else x, params)
-    b, t, prefill, s = 3, 10, 4, 14
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
-    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10, [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
-    full = model.apply({"params": params}, tokens, attn_mask=mask)
+def _cached_logits(model, params, tokens, mask, prefill, s, unrolled):
+    """Logits of `tokens` fed as a prefill of `prefill` tokens then one token
+    per call, through the module's cached call or the unrolled `decode`."""
+    b, t = tokens.shape
     pos = positions_from_mask(mask)
     kv_mask = jnp.concatenate([mask[:, :prefill], jnp.zeros((b, s - prefill), jnp.int32)], 1)
-    cache = init_cache(cfg, b, s)
-    out, cache = model.apply({"params": params}, tokens[:, :prefill], positions=pos[:, :prefill],
-                             attn_mask=kv_mask, cache=cache, cache_index=0)
+    if unrolled:
+        dparams, cache = decoding_params(model, params), init_layer_caches(model.cfg, b, s)
+        step = jax.jit(lambda toks, p, m, c, i: decode(model, dparams, toks, p, m, c, i))
+    else:
+        cache = init_cache(model.cfg, b, s)
+        step = jax.jit(lambda toks, p, m, c, i: model.apply(
+            {"params": params}, toks, positions=p, attn_mask=m, cache=c, cache_index=i))
+    out, cache = step(tokens[:, :prefill], pos[:, :prefill], kv_mask, cache, jnp.int32(0))
     outs = [out]
     for i in range(prefill, t):
         kv_mask = kv_mask.at[:, i].set(mask[:, i])
-        o, cache = model.apply({"params": params}, tokens[:, i:i + 1], positions=pos[:, i:i + 1],
-                               attn_mask=kv_mask, cache=cache, cache_index=i)
+        o, cache = step(tokens[:, i:i + 1], pos[:, i:i + 1], kv_mask, cache, jnp.int32(i))
         outs.append(o)
-    inc = jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=1), cache
+
+
+def _biased(cfg):
+    model, boxed = _init(cfg)
+    # Make biases non-zero so that they matter.
+    return model, jax.tree_util.tree_map(lambda x: x + 0.01 if x.ndim <= 3 else x, nn.unbox(boxed))
+
+
+_DECODE_MASK = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10, [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("unrolled", [False, True], ids=["module", "decode"])
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, QWEN], ids=["llama", "gpt2", "qwen2"])
+def test_cached_decode_equals_full_forward(cfg, unrolled):
+    model, params = _biased(cfg)
+    b, t, prefill, s = 3, 10, 4, 14
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
+    mask = _DECODE_MASK
+    full = model.apply({"params": params}, tokens, attn_mask=mask)
+    inc, _ = _cached_logits(model, params, tokens, mask, prefill, s, unrolled)
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=2e-5, rtol=1e-5)
     assert full.shape == (b, t, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, QWEN], ids=["llama", "gpt2", "qwen2"])
+def test_unrolled_decode_equals_the_modules_cached_call_in_bf16(cfg):
+    """The sampler's path (per-layer weights cast once, per-layer caches) gives
+    the module's cached call's logits and cache with bf16 matmuls too (f32:
+    the test above)."""
+    cfg = cfg.replace(matmul="bf16")
+    model, params = _biased(cfg)
+    dparams = decoding_params(model, params)
+    kernel = dparams["layers"][1]["attn"]["q"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16
+    assert kernel.shape == params["layers"]["attn"]["q"]["kernel"].shape[1:]
+    if cfg.qkv_bias or cfg.arch == "gpt2":   # biases stay f32
+        assert dparams["layers"][1]["attn"]["q"]["bias"].dtype == jnp.float32
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (3, 10), 0, cfg.vocab_size)
+    ref, ref_cache = _cached_logits(model, params, tokens, _DECODE_MASK, 4, 12, unrolled=False)
+    got, got_cache = _cached_logits(model, params, tokens, _DECODE_MASK, 4, 12, unrolled=True)
+    real = np.asarray(_DECODE_MASK, bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=1e-5, rtol=1e-5)
+    for name in ("k", "v"):
+        stacked = np.stack([np.asarray(c[name]) for c in got_cache])
+        assert stacked.shape == ref_cache[name].shape == (cfg.layers, 3, cfg.kv_heads, 12, 16)
+        np.testing.assert_allclose(stacked, np.asarray(ref_cache[name]), atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_does_not_change_real_logits():

@@ -188,28 +188,27 @@ class Attention(nn.Module):
             q = rope(q, positions_BxT, cfg.rope_theta)
             kk = rope(kk, positions_BxT, cfg.rope_theta)
 
-        new_cache = None
-        if layer_cache is not None:
-            # Write this chunk's keys/values into the static cache at
-            # cache_index (the same slot for every row: prompts are left-padded).
-            ck = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache["k"], kk.astype(layer_cache["k"].dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-            ck = nn.with_logical_constraint(ck, ("cache_batch", "cache_length", "cache_heads", "cache_kv"))
-            cv = nn.with_logical_constraint(cv, ("cache_batch", "cache_length", "cache_heads", "cache_kv"))
-            new_cache = {"k": ck, "v": cv}
-            kk, v = ck, cv
-
         b, t = q.shape[:2]
-        s = kk.shape[1]
         g = h // k
         # Head-major layout [b, kv_heads, (group, t), d]: both products are
         # plain batched matmuls, which XLA:CPU differentiates without the
         # transposed copies the [b, t, ...] einsums cost (attention forward +
         # backward at the bench's RM shapes: 8.3 -> 6.1 ms).
         qg = q.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
-        kt, vt = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [b, k, s, d]
+        kt, vt = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [b, k, t, d]
+        new_cache = None
+        if layer_cache is not None:
+            # Write this chunk's keys/values into the static cache at
+            # cache_index (the same slot for every row: prompts are left-padded).
+            # The cache is head-major too, so decoding reads it without a copy.
+            def write(cache_BxKxSxD, new_BxKxTxD):
+                out = jax.lax.dynamic_update_slice_in_dim(
+                    cache_BxKxSxD, new_BxKxTxD.astype(cache_BxKxSxD.dtype), cache_index, axis=2)
+                return nn.with_logical_constraint(
+                    out, ("cache_batch", "cache_heads", "cache_length", "cache_kv"))
+            kt, vt = write(layer_cache["k"], kt), write(layer_cache["v"], vt)
+            new_cache = {"k": kt, "v": vt}
+        s = kt.shape[2]
         scores = _mm(cfg, "bkqd,bksd->bkqs", qg, kt).reshape(b, k, g, t, s)
         scores = scores.astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
         # A finite minimum keeps fully masked rows (left pads) free of NaN.
@@ -312,33 +311,26 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens, positions=None, attn_mask=None, cache=None,
                       cache_index=None):
         """Final-normed hidden states [B, T, E] (and the new cache)."""
-        cfg = self.cfg
         b, t = tokens.shape
-        if cache is None:
-            if attn_mask is None:
-                attn_mask = jnp.ones((b, t), jnp.int32)
-            if positions is None:
-                positions = positions_from_mask(attn_mask)
-            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-            mask = causal[None] & (attn_mask[:, None, :] > 0)
-            cache_index = jnp.int32(0)
-        else:
-            s = cache["k"].shape[2]
-            if attn_mask is None:
-                attn_mask = jnp.ones((b, s), jnp.int32)
-            if positions is None:
-                positions = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
-            q_slot = cache_index + jnp.arange(t)
-            mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (attn_mask[:, None, :] > 0)
-
-        x = jnp.take(self.embedding, tokens, axis=0)
-        if cfg.arch == "gpt2":
-            x = x + jnp.take(self.pos_embedding, positions, axis=0)
-        x = x.astype(_dtype(cfg.activations))
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        x = self.embed_dropout(x)
-        x, new_cache = self.layers(x, cache, positions, mask, cache_index)
+        s = t if cache is None else cache["k"].shape[3]
+        positions, mask, cache_index = attention_inputs(b, t, s, positions, attn_mask, cache_index,
+                                                        cached=cache is not None)
+        x, new_cache = self.layers(self.embed(tokens, positions), cache, positions, mask,
+                                   cache_index)
         return self.final_norm(x), new_cache
+
+    def embed(self, tokens, positions):
+        """The layer stack's input [B, T, E]: token (and for gpt2 position) embeddings."""
+        x = jnp.take(self.embedding, tokens, axis=0)
+        if self.cfg.arch == "gpt2":
+            x = x + jnp.take(self.pos_embedding, positions, axis=0)
+        x = x.astype(_dtype(self.cfg.activations))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return self.embed_dropout(x)
+
+    def output(self, x):
+        """`head` of the layer stack's raw output (the final norm first)."""
+        return self.head(self.final_norm(x))
 
     def head(self, x):
         """Logits [B, T, V] (or scores [B, T]) of final-normed hidden states."""
@@ -356,24 +348,104 @@ class Transformer(nn.Module):
         out = self.head(x)
         return (out, new_cache) if cache is not None else out
 
-    def last_logits(self, tokens, positions=None, attn_mask=None, cache=None, cache_index=None):
-        """As `__call__`, but the head only at the last position ([B, 1, V]):
-        a sampler's prefill needs nothing else."""
-        x, new_cache = self.hidden_states(tokens, positions, attn_mask, cache, cache_index)
-        out = self.head(x[:, -1:])
-        return (out, new_cache) if cache is not None else out
-
 
 def positions_from_mask(mask_BxT: Array) -> Array:
     """Positions of left- or right-padded rows: real tokens count 0, 1, 2, ..."""
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def attention_inputs(b, t, s, positions, attn_mask, cache_index, *, cached: bool):
+    """Defaults and the [B, T, S] attention mask for T new tokens over S key slots.
+
+    Without a cache, S = T and the mask is causal over `attn_mask` (default:
+    all real), positions default to the mask's running count. With a cache,
+    the T tokens sit at slots cache_index.. and see every real slot up to
+    their own; positions default to their slots."""
+    if not cached:
+        attn_mask = jnp.ones((b, t), jnp.int32) if attn_mask is None else attn_mask
+        positions = positions_from_mask(attn_mask) if positions is None else positions
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        return positions, causal[None] & (attn_mask[:, None, :] > 0), jnp.int32(0)
+    attn_mask = jnp.ones((b, s), jnp.int32) if attn_mask is None else attn_mask
+    if positions is None:
+        positions = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
+    q_slot = cache_index + jnp.arange(t)
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (attn_mask[:, None, :] > 0)
+    return positions, mask, cache_index
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    """A zeroed KV cache, {"k", "v"} of [layers, B, S, kv_heads, head_dim]."""
-    dtype = dtype or _dtype(cfg.activations)
-    shape = (cfg.layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    """A zeroed KV cache, {"k", "v"} of [layers, B, kv_heads, S, head_dim]
+    (head-major, the layout attention reads).
+
+    bf16 when matmuls or activations are: attention feeds keys and values to
+    bf16 matmuls then anyway, so storing them rounded gives the same results
+    and no step converts the whole cache."""
+    if dtype is None:
+        dtype = jnp.bfloat16 if jnp.bfloat16 in (_dtype(cfg.matmul), _dtype(cfg.activations)) \
+            else jnp.float32
+    shape = (cfg.layers, batch, cfg.kv_heads, length, cfg.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ---------------------------------------------------------------------------
+# The decode path: the same layers, unrolled over per-layer params and caches.
+#
+# Inside a loop over new tokens, the layer scan would slice every layer's
+# weights out of the stacked [layers, ...] arrays on every step, and XLA:CPU
+# materialises each slice (a copy of all weights per token: 12 MB at the
+# bench's TINY config, 0.5 GB at SmolLM2-135M), and scans the stacked cache
+# in and out (another copy). A sampler instead splits the stack once per call
+# (`decoding_params`) and runs `decode` inside its loop: each layer's weights
+# are read in place, and each layer's cache is updated in place.
+# ---------------------------------------------------------------------------
+
+def decoding_params(model: "Transformer", params) -> dict:
+    """params -> {"top": params without "layers", "layers": [one tree per layer]}.
+
+    Kernels are cast once to the matmul dtype (a no-op in f32), so a bf16 loop
+    does not convert them on every step; `_mm` casts them to the same values."""
+    cast = _dtype(model.cfg.matmul) if model.cfg.matmul != "float32" else None
+
+    def layer(i):
+        def take(path, a):
+            a = a[i]
+            is_kernel = getattr(path[-1], "key", None) == "kernel"
+            return a.astype(cast) if cast is not None and is_kernel else a
+        return jax.tree_util.tree_map_with_path(take, params["layers"])
+
+    return {"top": {k: v for k, v in params.items() if k != "layers"},
+            "layers": [layer(i) for i in range(model.cfg.layers)]}
+
+
+def init_layer_caches(cfg: ModelConfig, batch: int, length: int, dtype=None) -> list:
+    """`init_cache` as one {"k", "v"} of [B, kv_heads, S, head_dim] per layer."""
+    stacked = init_cache(cfg, batch, length, dtype)
+    return [{"k": stacked["k"][i], "v": stacked["v"][i]} for i in range(cfg.layers)]
+
+
+def decode(model: "Transformer", dparams: dict, tokens, positions, attn_mask, caches: list,
+           cache_index, *, last_only: bool = False):
+    """`model.apply(params, tokens, ..., cache=..., cache_index=...)` with the
+    layers unrolled: (logits [B, T or 1, V], new per-layer caches).
+
+    dparams from `decoding_params`, caches from `init_layer_caches` (or a
+    previous call). `last_only` applies the head at the last position only
+    (a prefill needs nothing else)."""
+    cfg = model.cfg
+    b, t = tokens.shape
+    top = {"params": dparams["top"]}
+    positions, mask, cache_index = attention_inputs(
+        b, t, caches[0]["k"].shape[2], positions, attn_mask, cache_index, cached=True)
+    x = model.apply(top, tokens, positions, method=Transformer.embed)
+    block = Block(cfg, model.deterministic)
+    new_caches = []
+    for layer_params, layer_cache in zip(dparams["layers"], caches):
+        x, c = block.apply({"params": layer_params}, x, layer_cache, positions, mask, cache_index)
+        new_caches.append(c)
+    if last_only:
+        x = x[:, -1:]
+    return model.apply(top, x, method=Transformer.output), new_caches
 
 
 def count_params(params) -> int:

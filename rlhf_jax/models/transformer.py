@@ -11,7 +11,9 @@ InstructGPT does.
 Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`,
 `kv`, `mlp`, `vocab`, `layers`) and every major activation a logical
 constraint (`batch`, `length`, `act_*`); `rlhf_jax.sharding` maps them onto a
-mesh. Layers are one `nn.scan`, so compile time does not grow with depth.
+mesh. Layers are one `nn.scan`, so compile time does not grow with depth;
+the sampler's decode path (`decode`, end of file) unrolls them instead, over
+per-layer weights split once per call, so that no decoded token copies them.
 
 Attention masking works the same with or without a KV cache: `attn_mask`
 [B, S] marks the key slots holding real tokens (left-padded prompts have

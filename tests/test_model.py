@@ -203,3 +203,16 @@ def test_scan_unroll_changes_nothing_but_speed():
         for g, r in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, unrolled)),
                         jax.tree_util.tree_leaves(jax.grad(loss)(params, cfg))):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_outputs_at_is_the_slice_of_the_full_call(head):
+    """PPO's head over the response positions only equals the full call, sliced."""
+    model, boxed = _init(QWEN.replace(head=head))
+    params = nn.unbox(boxed)
+    toks = jax.random.randint(jax.random.PRNGKey(5), (3, 10), 0, 256)
+    full = model.apply({"params": params}, toks, attn_mask=_DECODE_MASK)
+    part = model.apply({"params": params}, toks, 5, 4, attn_mask=_DECODE_MASK,
+                       method=Transformer.outputs_at)
+    assert part.shape == full[:, 5:9].shape
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 5:9]), atol=1e-6, rtol=1e-6)

@@ -350,6 +350,14 @@ class Transformer(nn.Module):
         out = self.head(x)
         return (out, new_cache) if cache is not None else out
 
+    def outputs_at(self, tokens, start: int, length: int, attn_mask=None):
+        """`__call__(tokens, attn_mask=...)[:, start:start + length]`, with the head
+        applied at those positions only. PPO reads the response's positions only;
+        at SmolLM2's vocabulary the LM head over the prompt too cost a tenth of
+        the forward pass (and of its backward)."""
+        x, _ = self.hidden_states(tokens, attn_mask=attn_mask)
+        return self.head(x[:, start:start + length])
+
 
 def positions_from_mask(mask_BxT: Array) -> Array:
     """Positions of left- or right-padded rows: real tokens count 0, 1, 2, ..."""

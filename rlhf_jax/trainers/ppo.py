@@ -65,9 +65,11 @@ class Models:
     reward: Transformer = flax.struct.field(pytree_node=False)
 
 
-def _response_slice(x_BxS, p: int, n: int):
-    """Outputs at the positions that predict (or precede) each response token."""
-    return x_BxS[:, p - 1:p + n - 1]
+def _response_outputs(model: Transformer, params, tokens, attn, p: int, n: int):
+    """The model's outputs (logits, or scalar scores) at the positions that
+    predict (or precede) each response token: [B, n(, V)]."""
+    return model.apply({"params": params}, tokens, p - 1, n, attn_mask=attn,
+                       method=Transformer.outputs_at)
 
 
 def score_rollout(policy_params, ref_params, value_params, reward_params, prompt_BxP,
@@ -80,12 +82,12 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     mask = mask_BxN.astype(jnp.float32)
 
     def logp_of(params):
-        logits = _response_slice(models.policy.apply({"params": params}, tokens, attn_mask=attn), p, n)
+        logits = _response_outputs(models.policy, params, tokens, attn, p, n)
         return rl.logprobs_from_logits(logits, response_BxN, hp.temperature), logits
 
     old_logp, logits = logp_of(policy_params)
     ref_logp, _ = logp_of(ref_params)
-    values = _response_slice(models.value.apply({"params": value_params}, tokens, attn_mask=attn), p, n)
+    values = _response_outputs(models.value, value_params, tokens, attn, p, n)
     rm_BxS = models.reward.apply({"params": reward_params}, tokens, attn_mask=attn)
     last, _ = rl.last_token_index(mask)
     rm_score = jnp.take_along_axis(rm_BxS, (p + last)[:, None], axis=1)[:, 0]
@@ -118,12 +120,10 @@ def ppo_losses(policy_params, value_params, mb: Rollout, ptx, *, models: Models,
     """Clipped policy loss + vf_coef x clipped value loss + ptx_coef x LM loss."""
     n = mb.mask.shape[1]
     response = mb.tokens[:, p:]
-    logits = _response_slice(models.policy.apply({"params": policy_params}, mb.tokens,
-                                                 attn_mask=mb.attn_mask), p, n)
+    logits = _response_outputs(models.policy, policy_params, mb.tokens, mb.attn_mask, p, n)
     logp = rl.logprobs_from_logits(logits, response, hp.temperature)
     pg_loss, pg_stats = rl.ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, hp.clip)
-    values = _response_slice(models.value.apply({"params": value_params}, mb.tokens,
-                                                attn_mask=mb.attn_mask), p, n)
+    values = _response_outputs(models.value, value_params, mb.tokens, mb.attn_mask, p, n)
     vf_loss, vf_stats = rl.value_loss(values, mb.old_values, mb.returns, mb.mask, hp.vf_clip)
     total = pg_loss + hp.vf_coef * vf_loss
     stats = {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_stats, **vf_stats}

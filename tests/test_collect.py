@@ -198,3 +198,11 @@ def test_all_tied_and_empty_responses_are_skipped_and_counted():
 def test_bad_settings_are_clear_errors(sft_workdir, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         trainers.run(_collect_config(sft_workdir, **override), str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("key", ["collect.num_prompts", "collect.num_eval_prompts"])
+def test_too_few_prompts_fails_before_any_sampling_naming_the_key(sft_workdir, tmp_path,
+                                                                  monkeypatch, key):
+    _forbid_sampling(monkeypatch)
+    with pytest.raises(ConfigError, match=f"fewer than the 100000 asked for; lower {key}$"):
+        trainers.run(_collect_config(sft_workdir, **{key: 100_000}), str(tmp_path / "c"))

@@ -131,8 +131,8 @@ def _finished(workdir: str, wanted: dict) -> Optional[dict]:
         return json.load(f)
 
 
-def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int
-                 ) -> tuple[list[str], list[str], int]:
+def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int,
+                 key: str = "collect.num_prompts") -> tuple[list[str], list[str], int]:
     """The first `n` (prompt, category) of a prompts source, and how many were
     dropped as too long (data.drop_invalid) on the way.
 
@@ -171,7 +171,7 @@ def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int
             break
     if len(prompts) < n:
         raise common.ConfigError(f"{spec} (split {split!r}) has {len(prompts)} usable prompts, "
-                                 f"fewer than the {n} asked for; lower collect.num_prompts")
+                                 f"fewer than the {n} asked for; lower {key}")
     return prompts, categories, dropped
 
 
@@ -303,14 +303,17 @@ def run(config, workdir: str):
 
     writer = MetricsWriter(workdir, STAGE, progress=False)
     try:
-        parts = [("train", c.prompts, c.split, int(c.num_prompts), "labeler")]
+        parts = [("train", c.prompts, c.split, int(c.num_prompts), "labeler",
+                  "collect.num_prompts")]
         if int(c.num_eval_prompts):
             parts.append(("eval", c.eval_prompts, c.eval_split, int(c.num_eval_prompts),
-                          "eval_labeler"))
+                          "eval_labeler", "collect.num_eval_prompts"))
+        # Every prompt set is loaded (and checked) before any sampling, so that
+        # a bad eval set fails in seconds, not after the train set's samples.
+        loaded = [load_prompts(config, spec, split, n, tok, max_prompt_len, key)
+                  for _, spec, split, n, _, key in parts]
         results = {}
-        for name, spec, split, n, labeler in parts:
-            prompts, categories, too_long = load_prompts(config, spec, split, n, tok,
-                                                         max_prompt_len)
+        for (name, _, _, _, labeler, _), (prompts, categories, too_long) in zip(parts, loaded):
             t0 = time.time()
             groups = sample_groups(runtime, model, params, tok, prompts, k, config.sampling,
                                    max_prompt_len, int(c.batch_size), _jax_rng(seed, name))

@@ -23,6 +23,8 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer, count_params
 
 # Workload W
 BATCH, PROMPT_LEN, NEW_TOKENS = 16, 32, 32
+# The reward model's step: pairs of sequences of this many tokens.
+RM_PAIRS, RM_LEN = 16, 64
 # TINY's token ids: pad and eos distinct (BENCH.md); prompts never contain either.
 TINY_PAD, TINY_EOS = 0, 1
 

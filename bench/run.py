@@ -68,6 +68,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from bench import roofline  # noqa: E402
 from rlhf_jax import sampling  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 from rlhf_jax.trainers import common as trainer_common  # noqa: E402
@@ -343,13 +344,10 @@ def bench_ppo(s: C.Setup, precisions, epochs_list, warm, reps, trl_warm, trl_rep
 # 3. Reward model train step
 # ---------------------------------------------------------------------------
 
-RM_PAIRS, RM_LEN = 16, 64
-
-
 def rm_batch(s: C.Setup, seed=0):
     rng = np.random.RandomState(seed)
     lo = max(s.pad_id, s.eos_id) + 1
-    toks = rng.randint(lo, s.cfg.vocab_size, (RM_PAIRS, 2, RM_LEN)).astype(np.int32)
+    toks = rng.randint(lo, s.cfg.vocab_size, (C.RM_PAIRS, 2, C.RM_LEN)).astype(np.int32)
     toks[:, :, -1] = s.eos_id                # prompt + response + EOS
     return toks
 
@@ -361,9 +359,9 @@ def rm_ours(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
     state = _train_state(s.scalar_params(), opt, 0)
     toks = rm_batch(s)
     batch = {"tokens": jnp.asarray(toks), "attn_mask": jnp.ones(toks.shape, jnp.int32),
-             "last_index": jnp.full((RM_PAIRS, 2), RM_LEN - 1, jnp.int32),
-             "ranks": jnp.asarray(np.tile([[0, 1]], (RM_PAIRS, 1)).astype(np.int32)),
-             "valid": jnp.ones((RM_PAIRS, 2), bool)}
+             "last_index": jnp.full((C.RM_PAIRS, 2), C.RM_LEN - 1, jnp.int32),
+             "ranks": jnp.asarray(np.tile([[0, 1]], (C.RM_PAIRS, 1)).astype(np.int32)),
+             "valid": jnp.ones((C.RM_PAIRS, 2), bool)}
     step = jax.jit(functools.partial(reward.train_step, model=model, optimizer=opt),
                    donate_argnums=0)
     holder = [state]
@@ -374,7 +372,7 @@ def rm_ours(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
     times = C.time_calls(one, warm, reps)
     del holder
     C.free()
-    return {"step_s": times, "pairs_per_s": RM_PAIRS / C.median(times)}
+    return {"step_s": times, "pairs_per_s": C.RM_PAIRS / C.median(times)}
 
 
 def rm_trl(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
@@ -391,7 +389,7 @@ def rm_trl(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
         rows["rejected_ids"] += toks[:, 1].tolist()
     ds = datasets.Dataset.from_dict(rows)
     args = RewardConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_trl_rm_"), per_device_train_batch_size=RM_PAIRS,
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_rm_"), per_device_train_batch_size=C.RM_PAIRS,
         max_steps=n, learning_rate=1e-5, weight_decay=0.01, lr_scheduler_type="constant",
         max_grad_norm=1.0, report_to="none", save_strategy="no", logging_strategy="no",
         use_cpu=True, bf16=precision == "bf16", gradient_checkpointing=False, seed=0,
@@ -417,9 +415,9 @@ def rm_trl(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
     between = [b - a for a, b in zip(ends, ends[1:])][warm:]
     del trainer, model
     C.free()
-    return {"step_s": times, "pairs_per_s": RM_PAIRS / C.median(times),
+    return {"step_s": times, "pairs_per_s": C.RM_PAIRS / C.median(times),
             "end_to_end_step_s": between,
-            "pairs_per_s_end_to_end": RM_PAIRS / C.median(between)}
+            "pairs_per_s_end_to_end": C.RM_PAIRS / C.median(between)}
 
 
 def bench_rm(s: C.Setup, precisions, warm, reps):
@@ -461,22 +459,12 @@ def matmul_peak(reps: int) -> dict:
     return out
 
 
-def model_train_flops(cfg, batch: int, seq: int) -> float:
-    """Matmul FLOPs of one forward + backward (3x forward) of the decoder,
-    attention computed over the full T x T square (as our model does)."""
-    e, d = cfg.hidden, cfg.dim_per_head
-    per_layer = e * cfg.heads * d * 2 + e * cfg.kv_heads * d * 2 + 3 * e * cfg.intermediate
-    mm_params = cfg.layers * per_layer + cfg.hidden * cfg.vocab_size        # + (tied) head
-    fwd = 2 * batch * seq * mm_params + 2 * 2 * cfg.layers * batch * seq * seq * cfg.heads * d
-    return 3.0 * fwd
-
-
 def bench_flops(s: C.Setup, precisions, batch, seq, warm, reps, peak) -> dict:
     out = {"batch": batch, "seq": seq}
     toks = np.random.RandomState(0).randint(3, s.cfg.vocab_size, (batch, seq)).astype(np.int32)
     data = {"tokens": jnp.asarray(toks), "attn_mask": jnp.ones((batch, seq), jnp.int32),
             "loss_mask": jnp.ones((batch, seq), jnp.float32)}
-    flops = model_train_flops(s.cfg, batch, seq)
+    flops = roofline.train_flops(s.cfg, batch, seq)
     for prec in precisions:
         model = Transformer(C.with_precision(s.cfg, prec), deterministic=False)
         opt = adamw(lr=1e-5)
@@ -684,17 +672,34 @@ def main(argv=None):
             res.setdefault("compile", {})[name] = bench_compile(
                 setup(name), precisions[-1], 10 if q else a.compile_iterations)
             save()
+    peak = None
     if "flops" in only:
         peak = matmul_peak(3 if q else 5)
         res["flops"] = {"peak": peak}
         res["flops"]["SMOL"] = bench_flops(setup("SMOL"), precisions, a.flops_batch, 512,
                                            warm=1, reps=2 if q else 3, peak=peak)
         save()
+    if any(x in only for x in ("sampler", "ppo", "rm")):
+        # The floors: this work's FLOPs (and decoding's weight bytes) at the
+        # matmul peak and memory bandwidth measured now, in this process.
+        if peak is None:
+            peak = matmul_peak(3 if q else 5)
+        bandwidth, llc = roofline.memory_bandwidth(3 if q else 5), roofline.last_level_cache_bytes()
+        log(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum over 512 MiB); last-level cache "
+            f"{llc / (1 << 20):.0f} MiB")
+        res["roofline"] = {"peak": peak, "bandwidth": bandwidth, "llc_bytes": llc,
+                           **roofline.floors(res, {k: v.cfg for k, v in setups.items()}, peak,
+                                             bandwidth, llc)}
+        save()
     shutil.rmtree(work, ignore_errors=True)
     res["load_average_end"] = C.load_average()
     res["wall_s"] = perf() - t_all
     save()
     print("\n" + table(res) + "\n", flush=True)
+    if "roofline" in res:
+        print("Floors at this machine's measured peak (best possible ratio = theirs / floor):\n"
+              + roofline.table({k: v for k, v in res["roofline"].items()
+                                if k in ("sampler", "ppo", "rm")}) + "\n", flush=True)
     log(f"results in {a.out}; load average start {res['load_average_start']}, end "
         f"{res['load_average_end']}; {res['wall_s']:.0f} s")
 

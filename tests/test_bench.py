@@ -101,3 +101,34 @@ def test_roofline_counts_the_models_matmul_flops(head):
     grad = jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))(params)
     assert _dot_flops(grad.jaxpr) == pytest.approx(roofline.train_flops(cfg, b, t, head_out=out),
                                                    rel=0.01)
+
+
+def test_floors_divide_the_work_by_the_peak_and_the_bandwidth():
+    """bench/roofline.floors on a results dict of bench/run.py's shape: compute
+    floor = FLOPs / peak, a memory floor only where the weights exceed the
+    last-level cache, best ratio = the peer's time / the floor."""
+    from bench import roofline
+    peak = {"f32": {"peak": 2e11}, "bf16": {"peak": 1e11}}
+    res = {"sampler": {"TINY": {"f32": {"ours_tokens_per_s": 1000.0, "theirs_tokens_per_s": 500.0}}},
+           "ppo": {"TINY": {"bf16/4ep": {"ours": {"median": {"iteration": 2.0}},
+                                         "theirs": {"median": {"iteration": 3.0}}}}},
+           "rm": {"TINY": {"f32": {"ours": {"pairs_per_s": 40.0}, "theirs": {"pairs_per_s": 80.0}}}}}
+    cfgs = {"TINY": C.TINY}
+    n = C.BATCH * C.NEW_TOKENS
+    weights = roofline.decode_weight_bytes(C.TINY, 4)
+    for llc, memory in ((weights + 1, 0.0), (weights - 1, C.NEW_TOKENS * weights / 1e9)):
+        fl = roofline.floors(res, cfgs, peak, 1e9, llc)
+        s = fl["sampler"]["TINY"]["f32"]
+        compute = roofline.decode_flops(C.TINY, C.BATCH, C.PROMPT_LEN, C.NEW_TOKENS) / 2e11
+        assert s["compute_floor_s"] == pytest.approx(compute)
+        assert s["memory_floor_s"] == pytest.approx(memory)
+        assert s["best_possible_ratio"] == pytest.approx((n / 500.0) / max(compute, memory))
+        assert s["ours_ratio"] == pytest.approx(2.0)
+    p = fl["ppo"]["TINY"]["bf16/4ep"]
+    assert p["floor_s"] == pytest.approx(
+        roofline.ppo_flops(C.TINY, C.BATCH, C.PROMPT_LEN, C.NEW_TOKENS, 4)["iteration"] / 1e11)
+    assert p["best_possible_ratio"] == pytest.approx(3.0 / p["floor_s"])
+    r = fl["rm"]["TINY"]["f32"]
+    assert r["floor_s"] == pytest.approx(roofline.rm_step_flops(C.TINY, C.RM_PAIRS, C.RM_LEN) / 2e11)
+    assert r["ours_ratio"] == pytest.approx(0.5)
+    assert "| ppo | TINY | bf16/4ep |" in roofline.table(fl)

@@ -25,6 +25,11 @@ Sections (workload W and the configs of BENCH.md; medians after warm-up):
            (left-padded to one bucket), counted with jax.monitoring and
            jax_log_compiles.
 
+After the sections, the floors (bench/roofline.py): each benchmark's matmul
+FLOPs at the matmul peak measured in this run (and decoding's weight reads at
+the measured memory bandwidth), the least time any implementation needs here,
+and so the best ratio reachable against the peer's measured time.
+
 Precision: "f32" is f32 on both sides; "bf16" is each side's fast path: ours
 the model config's dtype policy (bf16 matmul inputs, f32 accumulation, f32
 params and activations), theirs torch bf16 autocast (f32 weights). torch gets
@@ -57,6 +62,12 @@ def _threads_from_argv(argv) -> int:
             return int(a.split("=", 1)[1])
     return os.cpu_count()
 
+
+if __name__ == "__main__":
+    # Both sides run in this process, so both get huge-page malloc (rlhf_jax/hostenv.py);
+    # RLHF_JAX_HUGEPAGE_MALLOC=0 runs the bench without it.
+    from rlhf_jax import hostenv
+    hostenv.reexec_with_hugepage_malloc()
 
 THREADS = _threads_from_argv(sys.argv[1:]) if __name__ == "__main__" else os.cpu_count()
 if THREADS < os.cpu_count():

@@ -7,6 +7,12 @@ import ast
 import os
 import sys
 
+if __name__ == "__main__":
+    # Before anything heavy is imported: restart once with huge-page malloc
+    # (rlhf_jax/hostenv.py says why).
+    from rlhf_jax import hostenv
+    hostenv.reexec_with_hugepage_malloc()
+
 # Config files import their shared base as `configs.base`: make the directory
 # holding `configs/` importable wherever the command runs from.
 for _arg in sys.argv:

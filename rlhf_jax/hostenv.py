@@ -1,0 +1,69 @@
+"""Host settings that must be in place when the process starts.
+
+glibc's malloc serves every allocation above 32 MB with freshly mmap'd pages,
+and gives them back on free. XLA:CPU allocates an executable's temporaries on
+every call, so each call of a large step faults its buffers in again, 4 KB at
+a time, each page zeroed by the kernel: at SmolLM2's size, gigabytes per PPO
+update. glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes
+malloc advise those mappings for transparent huge pages, 2 MB a fault.
+
+Tunables are read only when a process starts, so the entry points
+(`python -m rlhf_jax.main`, bench/run.py) re-execute themselves once with the
+tunable added, before anything heavy is imported. BENCHMARKS.md has the
+measurement. `RLHF_JAX_HUGEPAGE_MALLOC=0` turns it off.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "RLHF_JAX_HUGEPAGE_MALLOC"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_available(path: str = THP_SETTING) -> bool:
+    """Transparent huge pages can be used when asked for (`always` or `madvise`)."""
+    try:
+        with open(path) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def hugepage_malloc_env(environ, libc: tuple[str, str] | None = None,
+                        thp: bool | None = None) -> dict | None:
+    """The environment to re-execute with, or None when there is nothing to do:
+    turned off, not glibc 2.35+, no transparent huge pages, or already set."""
+    if environ.get(OPT_OUT, "1") == "0":
+        return None
+    name, version = libc if libc is not None else platform.libc_ver()
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return None
+    if name != "glibc" or major_minor < (2, 35):
+        return None
+    if not (_thp_available() if thp is None else thp):
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in current:
+        return None
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+    return env
+
+
+def reexec_with_hugepage_malloc() -> None:
+    """Replace this process with the same command line, the tunable set
+    (returns only when there is nothing to do). The new process finds the
+    tunable set and goes on, so this runs at most once."""
+    if not sys.platform.startswith("linux"):
+        return
+    env = hugepage_malloc_env(os.environ)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

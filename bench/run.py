@@ -63,9 +63,11 @@ def _threads_from_argv(argv) -> int:
     return os.cpu_count()
 
 
-if __name__ == "__main__":
-    # Both sides run in this process, so both get huge-page malloc (rlhf_jax/hostenv.py);
-    # RLHF_JAX_HUGEPAGE_MALLOC=0 runs the bench without it.
+if __name__ == "__main__" and "--hugepage-malloc" in sys.argv[1:]:
+    # Both sides run in this process, so both get huge-page malloc
+    # (rlhf_jax/hostenv.py; rlhf_jax.main uses it). Off by default: measured
+    # here it made our SMOL PPO iteration faster and TRL's slower, so one
+    # process with it would not run each side at its fastest (BENCHMARKS.md).
     from rlhf_jax import hostenv
     hostenv.reexec_with_hugepage_malloc()
 
@@ -624,6 +626,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="threads for both sides (default: all cores; fewer pins the process)")
     ap.add_argument("--compile-iterations", type=int, default=50)
+    ap.add_argument("--hugepage-malloc", action="store_true",
+                    help="restart with glibc.malloc.hugetlb=1 for both sides (rlhf_jax/hostenv.py)")
     ap.add_argument("--flops-batch", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results.json"))

@@ -7,9 +7,9 @@ a time, each page zeroed by the kernel: at SmolLM2's size, gigabytes per PPO
 update. glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes
 malloc advise those mappings for transparent huge pages, 2 MB a fault.
 
-Tunables are read only when a process starts, so the entry points
-(`python -m rlhf_jax.main`, bench/run.py) re-execute themselves once with the
-tunable added, before anything heavy is imported. BENCHMARKS.md has the
+Tunables are read only when a process starts, so `python -m rlhf_jax.main`
+re-executes itself once with the tunable added, before anything heavy is
+imported (bench/run.py does so with `--hugepage-malloc`). BENCHMARKS.md has the
 measurement. `RLHF_JAX_HUGEPAGE_MALLOC=0` turns it off.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Collecting comparisons: K samples per prompt from the SFT policy, ranked by
-a simulated labeler (InstructGPT step 2's data).
+"""Collecting comparisons: K samples per prompt from a mix of policies (the SFT
+policy and the base model by default), ranked by a simulated labeler
+(InstructGPT step 2's data).
 
     python -m rlhf_jax.main --config configs/collect.py --workdir workdirs/collect \
         --config.init_from=workdirs/sft
@@ -32,9 +33,17 @@ def get_config(arg: str = ""):
         eval_prompts="tfds:instruction_world/comparison_prompts",
         eval_split="heldout",
         num_eval_prompts=1_000,
-        k=9,                       # responses per prompt (InstructGPT: 4 to 9)
+        # (name, checkpoint, responses per prompt): K is their sum (InstructGPT:
+        # 4 to 9, from several models). "init_from" is this stage's policy (SFT),
+        # "base" is `base_from`; any other path is a checkpoint or stage workdir.
+        # SFT alone gives nine identical samples on two thirds of the prompts;
+        # 5 SFT + 4 base samples give a comparison for nearly every prompt.
+        policies=(("sft", "init_from", 5), ("base", "base", 4)),
+        # The base model; empty: the world base shipped in rlhf_jax/assets.
+        base_from="",
         # Gumbel scale of the simulated labelers; < 0: the calibrated
-        # rlhf_jax.world.labelers.NOISE_SCALE (73% inter-labeler agreement).
+        # rlhf_jax.world.labelers.NOISE_SCALE (73% inter-labeler agreement on
+        # the pairs they order; equal gold scores tie).
         noise_scale=-1.0,
         # Rows (prompts x K) per sampler call; every call has this shape.
         batch_size=576,
@@ -44,7 +53,8 @@ def get_config(arg: str = ""):
     if arg == "tiny":
         c.collect.update(dict(prompts="tfds:instruction_world/comparison_prompts_tiny",
                               eval_prompts="tfds:instruction_world/comparison_prompts_tiny",
-                              num_prompts=64, num_eval_prompts=16, k=4, batch_size=64))
+                              num_prompts=64, num_eval_prompts=16, batch_size=64,
+                              policies=(("sft", "init_from", 2), ("base", "base", 2))))
         c.sampling.max_new_tokens = 24
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/collect.py (expected '' or 'tiny')")

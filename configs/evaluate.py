@@ -45,6 +45,9 @@ def get_config(arg: str = ""):
     c.data.text_split = "heldout"
     c.data.text_batches = 16             # at most this many batches of score_batch_size
     c.sampling = sampling_config(max_new_tokens=40)       # greedy; 88 + 40 = 128 tokens
+    # Also one sampled answer per prompt at this temperature (the distribution
+    # PPO optimises is temperature 1): gold_score_sampled; 0 skips it.
+    c.sample_temperature = 1.0
     c.batch_size = 128                   # prompts per sampler call
     c.score_batch_size = 32              # rows per teacher-forced pass (KL, LM loss)
     c.report = ml_collections.ConfigDict(dict(

@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
     # Scaled-down counts that fit ~15 minutes on 2 CPU cores.
     c.sft.train.update(dict(steps=500, batch_size=32, lr=1e-3, warmup_steps=20,
                             eval_every=250, checkpoint_every=250))
-    c.collect.collect.update(dict(num_prompts=1024, num_eval_prompts=256, k=9, batch_size=576))
+    c.collect.collect.update(dict(num_prompts=1024, num_eval_prompts=256, batch_size=576))
     # The SFT policy's samples differ by one slip (a typo in a copied word, an
     # off-by-one sum) and half the labeler's ordered pairs are between equally
     # good responses (noise): one epoch at the paper's setting leaves a 2-layer
@@ -63,7 +63,7 @@ def get_config(arg: str = ""):
         c.base_from = "pretrain"
         c.pretrain.train.steps = 30
         c.sft.train.steps = 20
-        c.collect.collect.update(dict(num_prompts=32, num_eval_prompts=16, k=4, batch_size=64))
+        c.collect.collect.update(dict(num_prompts=32, num_eval_prompts=16, batch_size=64))
         c.ppo.train.steps = 3
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/instructgpt.py (expected '' or 'tiny')")

@@ -21,12 +21,17 @@ def ppo_config(**overrides):
     h = ml_collections.ConfigDict(dict(
         max_new_tokens=40,       # world responses are at most 36 tokens with EOS
         temperature=1.0,
+        # Must stay 0 / 1.0: the ratio and the KL are computed on the full
+        # softmax, so filtered sampling is refused (the stage says so).
         top_k=0,
         top_p=1.0,
         kl_coef=0.02,            # beta: per-token KL penalty to the SFT policy
         adaptive_kl=False,       # Ziegler et al. proportional controller
-        kl_target=6.0,
-        kl_horizon=10000.0,
+        kl_target=6.0,           # nats per response
+        # Episodes over which the controller can move beta by about e^0.2 at
+        # full error. Ziegler et al.'s 10,000 suits millions of episodes; at
+        # 10,000 a 40 x 64-episode run moves beta by 5% at most, at 500 by 2.7x.
+        kl_horizon=500.0,
         clip=0.2,
         vf_clip=0.2,
         vf_coef=1.0,             # the value model is a separate network: this scales its loss
@@ -36,10 +41,18 @@ def ppo_config(**overrides):
         whiten_advantages=True,
         epochs=1,
         minibatches=4,
-        ptx_coef=27.8,           # gamma_ptx; 0 gives plain PPO
+        # Weight of the pretraining LM loss (a per-token mean) against the
+        # clipped policy loss (a per-token mean of whitened advantages); 0
+        # gives plain PPO. Not the paper's gamma_ptx = 27.8, which weighs a
+        # sequence log-likelihood against an episode's return: at 27.8 here
+        # the LM gradient was ~25x the policy's and the reward barely moved
+        # the policy (BENCHMARKS.md).
+        ptx_coef=1.0,
         ptx_batch_size=8,        # pretraining rows per minibatch update
         missing_eos_penalty=1.0, # subtracted from the RM score of a response without EOS
-        ema_decay=0.0,           # 0.992 in the paper; 0 disables the EMA of policy weights
+        # EMA of the policy weights, one update per optimizer step, read
+        # bias-corrected; 0.992 in the paper, 0 disables it.
+        ema_decay=0.0,
         gold_eval=True,          # log the gold labeler's score of each rollout (world prompts)
     ))
     h.update(overrides)

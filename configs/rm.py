@@ -41,6 +41,10 @@ def get_config(arg: str = ""):
     c.stage = "rm"
     c.data.path = ""                 # comparisons: .jsonl or tfds:NAME/CONFIG
     c.data.k_max = 9                 # responses per prompt at most (slots per batch element)
+    # Optional held-out comparisons of one policy's samples alone (collect's
+    # comparisons_eval_sft.jsonl): logged with the suffix _sft
+    # (rm/gold_accuracy_sft beside rm/gold_accuracy on data.eval_path).
+    c.data.eval_sft_path = ""
     c.data.demos_path = "tfds:instruction_world/demonstrations"
     c.data.demos_records = 1024      # demonstrations scored for the bias normalisation
     c.train.epochs = 1.0             # passes over the comparisons when train.steps is 0 or -1

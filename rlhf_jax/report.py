@@ -26,6 +26,8 @@ from rlhf_jax.metrics import read_metrics
 METRIC_COLUMNS = (
     ("gold_score", "gold score"),
     ("win_rate_vs_sft", "win rate vs SFT"),
+    ("gold_score_sampled", "gold score (sampled)"),
+    ("win_rate_vs_sft_sampled", "win rate (sampled)"),
     ("refusal_rate", "refusal (harmful)"),
     ("over_refusal_rate", "over-refusal (benign)"),
     ("kl_vs_sft", "KL(policy ‖ SFT)"),
@@ -40,6 +42,9 @@ PPO_CURVES = (
     ("ppo/gold_score", "gold score of the rollouts", "ppo_gold_score.png"),
 )
 WIN_RATE_FIGURE = "win_rate.png"
+OVEROPTIMISATION_FIGURE = "ppo_overoptimisation.png"
+# Iterations in the moving average that picks the best stopping point.
+STOP_WINDOW = 5
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -132,6 +137,47 @@ def ppo_figures(ppo_workdirs: Mapping[str, str], out_dir: str) -> tuple[list[tup
         _save(fig, os.path.join(out_dir, filename))
         figures.append((label, filename))
     return figures, notes
+
+
+def overoptimisation_curve(rows: Sequence[dict]) -> dict:
+    """Gao et al. (2022)'s view of one PPO run, from its metrics.jsonl rows:
+    per iteration sqrt(KL(policy || SFT)) of the rollouts (k1 per response,
+    floored at 0), the RM's score and the gold score of the same rollouts,
+    and where to stop: the iteration whose gold score, averaged over
+    STOP_WINDOW iterations centred on it, is highest."""
+    rows = [r for r in sorted(rows, key=lambda r: r["step"])
+            if "ppo/kl" in r and "ppo/score" in r and "ppo/gold_score" in r]
+    steps = np.array([r["step"] for r in rows], np.int64)
+    sqrt_kl = np.sqrt(np.maximum([r["ppo/kl"] for r in rows], 0.0))
+    rm = np.array([r["ppo/score"] for r in rows], np.float64)
+    gold = np.array([r["ppo/gold_score"] for r in rows], np.float64)
+    out = {"step": steps, "sqrt_kl": sqrt_kl, "rm_score": rm, "gold_score": gold}
+    if len(rows):
+        w = min(STOP_WINDOW, len(rows))
+        smooth = np.array([gold[max(0, i - w // 2):i + w // 2 + 1].mean() for i in range(len(gold))])
+        best = int(np.argmax(smooth))
+        out.update(best_step=int(steps[best]), best_sqrt_kl=float(sqrt_kl[best]),
+                   best_gold=float(smooth[best]), final_gold=float(smooth[-1]))
+    return out
+
+
+def overoptimisation_figure(curves: Mapping[str, dict], path: str):
+    """Gold and RM score of the rollouts against sqrt(KL to SFT), one line a run."""
+    fig = Figure(figsize=(10, 3.6))
+    gold_ax, rm_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, c in curves.items():
+        line, = gold_ax.plot(c["sqrt_kl"], c["gold_score"], label=name, marker=".")
+        rm_ax.plot(c["sqrt_kl"], c["rm_score"], label=name, marker=".", color=line.get_color())
+        if "best_step" in c:
+            gold_ax.axvline(c["best_sqrt_kl"], color=line.get_color(), ls=":", alpha=0.7)
+    for ax, what in ((gold_ax, "gold score"), (rm_ax, "reward model score")):
+        ax.set_xlabel("sqrt(KL(policy ‖ SFT)) per response, nats^½")
+        ax.set_ylabel(what + " of the rollouts")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    gold_ax.set_title("Gold (true) reward: where to stop (dotted)")
+    rm_ax.set_title("RM (proxy) reward")
+    _save(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +273,22 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
             lines += ["", f"![{label}]({filename})"]
         if not figures:
             lines += ["", "No PPO curves to plot."]
+        curves = {n: overoptimisation_curve(read_metrics(d, "ppo")) for n, d in ppo_workdirs.items()}
+        curves = {n: c for n, c in curves.items() if len(c["step"])}
+        if curves:
+            overoptimisation_figure(curves, os.path.join(workdir, OVEROPTIMISATION_FIGURE))
+            lines += ["", "## Over-optimisation (Gao et al. 2022)", "",
+                      "The RM's score (the proxy PPO maximises) and the gold score of the same "
+                      "rollouts (temperature-1 samples), against the square root of their KL to "
+                      "SFT. Where the gold curve turns down while the RM's still rises, PPO is "
+                      f"exploiting the RM: stop there. \"Best\" is the iteration whose gold "
+                      f"score, averaged over {STOP_WINDOW} iterations, is highest.", ""]
+            lines += _table(["run", "best iteration", "sqrt(KL) there", "gold there",
+                             "gold at the end", "iterations"],
+                            [[f"`{n}`", str(c["best_step"]), _fmt(c["best_sqrt_kl"]),
+                              _fmt(c["best_gold"]), _fmt(c["final_gold"]), str(len(c["step"]))]
+                             for n, c in curves.items()])
+            lines += ["", f"![over-optimisation]({OVEROPTIMISATION_FIGURE})"]
     else:
         lines += ["No PPO workdir was given (`ppo_workdirs`), so there are no training curves."]
 

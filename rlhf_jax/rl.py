@@ -325,7 +325,9 @@ def adaptive_kl_coef(coef, observed_kl, target, horizon, n_steps):
 def ema_update(ema_params: Any, params: Any, decay) -> Any:
     """Exponential moving average of a pytree: decay * ema + (1 - decay) * params.
 
-    Computed in float32, stored back in each EMA leaf's dtype.
+    Computed in float32, stored back in each EMA leaf's dtype. Started from
+    zeros, it is biased towards 0 by decay^t after t updates: read it through
+    `ema_debiased`.
     """
     decay = _f32(decay)
 
@@ -334,3 +336,14 @@ def ema_update(ema_params: Any, params: Any, decay) -> Any:
         return new.astype(jnp.asarray(e).dtype)
 
     return jax.tree.map(upd, ema_params, params)
+
+
+def ema_debiased(ema_params: Any, decay, count) -> Any:
+    """The bias-corrected average ema / (1 - decay^count) of an EMA started
+    from zeros after `count` updates (Adam's correction, Kingma & Ba 2015):
+    a weighted mean of the averaged params whose weights sum to 1, so early
+    in training it is not pulled towards zero (nor, started from the initial
+    params instead, towards them). count = 0 gives the zeros back."""
+    decay, count = _f32(decay), _f32(count)
+    scale = jnp.where(count > 0, 1.0 / (1.0 - decay ** jnp.maximum(count, 1.0)), 0.0)
+    return jax.tree.map(lambda e: (_f32(e) * scale).astype(jnp.asarray(e).dtype), ema_params)

@@ -117,6 +117,13 @@ def decode_response(tok, ids: Sequence[int]) -> tuple[str, bool]:
     return tok.decode(ids), finished
 
 
+def signature(tok) -> tuple:
+    """What two tokenizers must share for one's token ids to mean the same to
+    the other's models (policies judged on one prompt set, an RM scoring a
+    policy's samples)."""
+    return (type(tok).__name__, tok.vocab_size, tok.eos_id, tok.pad_id, tok.prompt_format)
+
+
 def build(config) -> object:
     """The tokenizer a model config names: 'byte' or a path to tokenizer.json / HF dir."""
     name = config.get("tokenizer", "byte") if hasattr(config, "get") else config

@@ -70,3 +70,23 @@ def run_interrupted(monkeypatch, config, workdir: str, step: int, only=lambda lo
     with pytest.raises(Interrupted):
         trainers.run(config, workdir)
     monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
+
+
+def reward_model_from(sft_dir: str, dest: str, tokenizer: str = "") -> str:
+    """A finished, bias-normalised RM checkpoint made from an SFT checkpoint
+    without training: its backbone with a fresh (zero) scalar head, as an rm
+    stage's first step would start. `tokenizer` overrides the recorded one."""
+    import dataclasses
+    import jax
+    from rlhf_jax import checkpoint
+    from rlhf_jax.models.transformer import ModelConfig, Transformer
+    from rlhf_jax.trainers import common
+    meta = checkpoint.read_meta(sft_dir)
+    cfg = ModelConfig(**{**meta["model"], "head": "scalar"})
+    import flax.linen as nn
+    fresh = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
+                                           jax.numpy.zeros((1, 4), "int32"))["params"])
+    params = common.graft_params(fresh, checkpoint.load_saved_params(sft_dir))
+    rm_meta = dict(meta, model=dataclasses.asdict(cfg), stage="rm", bias_normalized=True,
+                   rm_bias=0.0, tokenizer=tokenizer or meta.get("tokenizer", "byte"))
+    return checkpoint.write_params(dest, 0, params, rm_meta)

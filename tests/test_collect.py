@@ -17,6 +17,7 @@ from rlhf_jax.trainers import collect
 from rlhf_jax.trainers.common import ConfigError, override
 from rlhf_jax.world import gold
 
+MIX = (("sft", "init_from", 2), ("base", "base", 2))
 K = 4
 MAX_NEW = 24
 
@@ -41,7 +42,7 @@ def _collect_config(root, **overrides):
     cfg = load_config("collect", "tiny")      # the architecture comes from the checkpoint
     cfg.init_from = str(root / "sft")
     cfg.data.data_dir = str(root / "tfds")
-    cfg.collect.update(dict(num_prompts=40, num_eval_prompts=16, k=K, batch_size=64))
+    cfg.collect.update(dict(num_prompts=40, num_eval_prompts=16, policies=MIX, batch_size=64))
     cfg.sampling.max_new_tokens = MAX_NEW
     return override(cfg, **overrides)
 
@@ -83,17 +84,37 @@ def test_collect_writes_comparisons_the_data_layer_reads(collected):
         raw = _lines(path)
         records, dropped = jsonl.read_jsonl(path, "comparisons")
         assert dropped == 0
-        assert records == raw                                  # round trip, unchanged
+        # Round trip: the data layer keeps every field but the sources.
+        assert records == [{k: v for k, v in r.items() if k != "sources"} for r in raw]
         assert 0 < len(records) <= n_prompts
-        for r in records:
-            assert set(r) == {"prompt", "responses", "ranks", "category"}
+        for r in raw:
+            assert set(r) == {"prompt", "responses", "ranks", "sources", "category"}
             assert r["category"] == gold.category_of(r["prompt"])
             assert 2 <= len(r["responses"]) <= K and len(r["ranks"]) == len(r["responses"])
+            assert len(r["sources"]) == len(r["responses"])
+            # Each policy's share, in mix order (fewer only by empty responses).
+            assert r["sources"] == sorted(r["sources"], key=["sft", "base"].index)
+            assert r["sources"].count("sft") <= 2 and r["sources"].count("base") <= 2
             assert min(r["ranks"]) == 0 and len(set(r["ranks"])) > 1
             assert all(x.strip() for x in r["responses"])
         # K respected: a record is short only by its empty responses.
         empty = summary["train" if name == collect.COMPARISONS else "eval"]["empty_responses"]
         assert sum(K - len(r["responses"]) for r in records) <= empty
+    # Both policies answered, and the base model (the internet's mixture) is
+    # the worse one.
+    t = summary["train"]
+    assert t["gold_score/source/sft"] > t["gold_score/source/base"]
+    assert summary["policies"] == {"sft": 2, "base": 2}
+    # The held-out SFT-only comparisons: the eval prompts' SFT samples alone.
+    eval_by_prompt = {r["prompt"]: r for r in _lines(os.path.join(workdir, collect.COMPARISONS_EVAL))}
+    sft_only = _lines(os.path.join(workdir, collect.COMPARISONS_EVAL_SFT))
+    assert len(sft_only) == summary["eval_sft_records"]
+    for r in sft_only:
+        assert set(r["sources"]) == {"sft"}
+        mixed = eval_by_prompt.get(r["prompt"])
+        if mixed is not None:
+            assert set(r["responses"]) <= {x for x, src in zip(mixed["responses"], mixed["sources"])
+                                           if src == "sft"}
     t = summary["train"]
     assert t["prompts"] == 40 and summary["eval"]["prompts"] == 16
     assert t["records"] + t["skipped_tied"] + t["skipped_too_few"] == 40
@@ -146,7 +167,9 @@ def test_deterministic_given_seed_and_rerun_is_a_noop(collected, sft_workdir, mo
     assert os.path.getmtime(os.path.join(workdir, collect.COMPARISONS)) == mtime
     # ... and refuses other settings instead of mixing them.
     with pytest.raises(ConfigError, match="other settings"):
-        trainers.run(_collect_config(sft_workdir, **{"collect.k": 5}), str(workdir))
+        trainers.run(_collect_config(sft_workdir, **{"collect.policies": (("sft", "init_from", 3),
+                                                                          ("base", "base", 2))}),
+                     str(workdir))
 
 
 def test_a_moved_pipeline_workdir_is_still_finished(collected, sft_workdir, tmp_path, monkeypatch):
@@ -166,7 +189,7 @@ def test_a_moved_pipeline_workdir_is_still_finished(collected, sft_workdir, tmp_
     shutil.copytree(moved / "sft", tmp_path / "elsewhere" / "sft")
     cfg = _collect_config(moved)
     cfg.init_from = str(tmp_path / "elsewhere" / "sft")
-    with pytest.raises(ConfigError, match="differing: init_from"):
+    with pytest.raises(ConfigError, match="differing: policies"):
         trainers.run(cfg, str(moved / "collect"))
 
 
@@ -192,7 +215,9 @@ def test_all_tied_and_empty_responses_are_skipped_and_counted():
 
 @pytest.mark.parametrize("override, message", [
     ({"sampling.greedy": True}, "greedy"),
-    ({"collect.k": 10}, "collect.k"),
+    ({"collect.policies": (("sft", "init_from", 5), ("base", "base", 5))}, "K = 10"),
+    ({"collect.policies": (("sft", "init_from", 2), ("sft", "base", 2))}, "names repeat"),
+    ({"collect.policies": (("sft", "init_from", 2), ("ppo", "/nonexistent", 2))}, "ppo"),
     ({"init_from": ""}, "init_from"),
 ])
 def test_bad_settings_are_clear_errors(sft_workdir, tmp_path, override, message):

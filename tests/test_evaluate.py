@@ -198,7 +198,8 @@ def test_eval_json_has_every_key_for_every_policy(evaluated):
         for key in evaluate.REQUIRED_KEYS:
             assert key in r, (name, key)
         for key in ("gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_rate",
-                    "kl_vs_sft", "pretrain_loss", "eos_rate", "mean_response_tokens"):
+                    "kl_vs_sft", "pretrain_loss", "eos_rate", "mean_response_tokens",
+                    "gold_score_sampled", "win_rate_vs_sft_sampled"):
             assert math.isfinite(r[key]), (name, key)
         assert list(r["per_category"]) == list(world.CATEGORIES)
     assert ev["policies"]["base_fewshot"]["fewshot"] is True
@@ -216,6 +217,9 @@ def test_self_win_rate_is_half_and_self_kl_zero(evaluated):
     p = ev["policies"]
     for name in ("sft", "sft_again"):
         assert p[name]["win_rate_vs_sft"] == 0.5
+        # The same policy with the same sampling key: the same samples.
+        assert p[name]["win_rate_vs_sft_sampled"] == 0.5
+        assert p[name]["gold_score_sampled"] == p["sft"]["gold_score_sampled"]
         assert abs(p[name]["kl_vs_sft"]) < 1e-5
     assert p["base"]["kl_vs_sft"] > 1e-3 and p["base_fewshot"]["kl_vs_sft"] > 1e-3
     assert p["sft_again"]["pretrain_loss"] == p["sft"]["pretrain_loss"]
@@ -257,10 +261,29 @@ def test_report_references_existing_pngs(evaluated):
     workdir, _ = evaluated
     text = open(os.path.join(workdir, "report.md")).read()
     pngs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert set(pngs) == {report.WIN_RATE_FIGURE, "ppo_score.png", "ppo_kl.png", "ppo_gold_score.png"}
+    assert set(pngs) == {report.WIN_RATE_FIGURE, "ppo_score.png", "ppo_kl.png", "ppo_gold_score.png",
+                         report.OVEROPTIMISATION_FIGURE}
     for png in pngs:
         with open(os.path.join(workdir, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for name in ("base", "base_fewshot", "sft", "sft_again"):
         assert f"### `{name}`" in text
     assert "18 held-out evaluation prompts" in text and "| harmful |" in text
+    # The fixture's PPO gold score rises every iteration: stop at the end.
+    assert "## Over-optimisation" in text and "| `ppo_ptx` | 5 | 0.316 | -0.200 | -0.200 | 5 |" in text
+
+
+def test_overoptimisation_curve_finds_where_gold_turns_down():
+    # Gold rises then falls while the RM's score keeps rising: the stopping
+    # point is the iteration whose 5-iteration mean gold score is highest.
+    gold = [0.0, 0.2, 0.4, 0.6, 0.7, 0.6, 0.3, 0.1, -0.2, -0.4]
+    rows = [{"step": i + 1, "ppo/kl": 0.5 * (i + 1) ** 2 - (i == 0) * 0.6,
+             "ppo/score": 0.1 * i, "ppo/gold_score": g} for i, g in enumerate(gold)]
+    c = report.overoptimisation_curve(list(reversed(rows)))       # order does not matter
+    np.testing.assert_array_equal(c["step"], np.arange(1, 11))
+    assert c["sqrt_kl"][0] == 0.0                                  # negative k1 floored
+    np.testing.assert_allclose(c["sqrt_kl"][1:], np.sqrt(0.5) * np.arange(2, 11))
+    smooth = [np.mean(gold[max(0, i - 2):i + 3]) for i in range(10)]
+    assert c["best_step"] == int(np.argmax(smooth)) + 1 == 5
+    assert c["best_gold"] == pytest.approx(max(smooth))
+    assert c["final_gold"] == pytest.approx(smooth[-1])

@@ -1,4 +1,5 @@
 """PPO wiring against NumPy loops, sampler/trainer agreement, the stage end to end."""
+import functools
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (ROOT, assert_trees_equal, load_config, micro_model, run_interrupted,
-                     world_demos)
+from helpers import (ROOT, assert_trees_equal, load_config, micro_model, reward_model_from,
+                     run_interrupted, world_demos)
 from rlhf_jax import checkpoint, sampling, trainers
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -31,7 +32,7 @@ def _hp(**kw):
     base = dict(temperature=0.8, missing_eos_penalty=1.5, gamma=0.9, lam=0.8,
                 whiten_advantages=True, clip=0.2, vf_clip=0.2, vf_coef=1.0, ptx_coef=0.0,
                 epochs=1, minibatches=1, adaptive_kl=False, kl_target=6.0, kl_horizon=1e4,
-                ema_decay=0.0)
+                ema_decay=0.0, eos_id=EOS)
     base.update(kw)
     return ppo.HParams(**base)
 
@@ -63,7 +64,12 @@ def test_score_rollout_matches_numpy_loops():
     lp = np.asarray(models.policy.apply({"params": pol}, seq, attn_mask=attn))
     lr = np.asarray(models.policy.apply({"params": ref}, seq, attn_mask=attn))
     vv = np.asarray(models.value.apply({"params": val}, seq, attn_mask=attn))
-    rr = np.asarray(models.reward.apply({"params": rew}, seq, attn_mask=attn))
+    rr = np.array(models.reward.apply({"params": rew}, seq, attn_mask=attn))
+    # The RM reads an unfinished response as its text followed by EOS: its
+    # last token replaced by EOS (row 1, five tokens and no EOS).
+    seq_eos = seq.copy()
+    seq_eos[1, -1] = EOS
+    rr[1] = np.asarray(models.reward.apply({"params": rew}, seq_eos[1:2], attn_mask=attn[1:2]))[0]
     B, P, N = 3, 6, 5
     logp, ref_logp, values = np.zeros((B, N)), np.zeros((B, N)), np.zeros((B, N))
     rewards, adv = np.zeros((B, N)), np.zeros((B, N))
@@ -132,16 +138,22 @@ def sft_workdir(tmp_path_factory):
     return str(tmp / "sft")
 
 
-def _ppo_config(sft, **kw):
+@pytest.fixture(scope="module")
+def rm_workdir(sft_workdir):
+    # A zero-initialised scalar head on the SFT backbone.
+    return reward_model_from(sft_workdir, os.path.join(os.path.dirname(sft_workdir), "rm"))
+
+
+def _ppo_config(sft, rm=None, **kw):
     cfg = load_config("ppo", "tiny")
     cfg.init_from = sft
-    cfg.reward_from = sft        # a zero-initialised scalar head on the SFT backbone
+    cfg.reward_from = rm or os.path.join(os.path.dirname(sft), "rm")
     cfg.train.update(dict(steps=4, batch_size=8, lr=1e-3, checkpoint_every=2))
     cfg.ppo.update(dict(max_new_tokens=8, ptx_coef=0.5, ptx_batch_size=4))
     return override(cfg, **kw)
 
 
-def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
+def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, monkeypatch):
     """Resume covers the whole PPO state: both optimizers, KL controller, EMA."""
     cfg = _ppo_config(sft_workdir, **{"ppo.ema_decay": 0.9, "ppo.adaptive_kl": True})
     trainers.run(cfg, str(tmp_path / "full"))
@@ -149,7 +161,8 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("score", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac",
                 "vf_clipfrac", "approx_kl", "ptx_loss", "response_length", "eos_rate",
-                "tokens_per_s", "time_rollout", "time_update", "kl_coef", "gold_score"):
+                "tokens_per_s", "time_rollout", "time_update", "kl_coef", "gold_score",
+                "pg_grad_norm", "ptx_grad_norm"):
         assert all(np.isfinite(r[f"ppo/{key}"]) for r in rows), key
     assert abs(rows[0]["ppo/kl"]) < 1e-5          # the policy starts as the reference
     # The adaptive controller lowers beta while the KL is below its target.
@@ -162,7 +175,7 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, tmp_path, monkeypatch):
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
 
 
-def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, tmp_path):
+def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, tmp_path):
     """With a zero reward model, the only signal is the penalty for responses
     without EOS: PPO must learn to end its responses."""
     cfg = _ppo_config(sft_workdir, **{"train.steps": 30, "train.checkpoint_every": 30,
@@ -184,3 +197,137 @@ def test_cli_ppo_without_checkpoints_says_what_it_needs(tmp_path):
     assert r.returncode != 0
     assert "init_from" in r.stderr and "reward_from" in r.stderr and "SFT" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The update: the pretraining mix, the EMA
+# ---------------------------------------------------------------------------
+
+def _update_fixture(hp, seed=0):
+    """A one-minibatch update's inputs on the micro model: state, rollout, ptx."""
+    import optax
+    from rlhf_jax.trainers import common
+    scalar = CFG.replace(head="scalar")
+    models = ppo.Models(policy=Transformer(CFG), value=Transformer(scalar), reward=Transformer(scalar))
+    opt = optax.adam(1e-3)
+
+    def train_state(params):
+        return common.TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                                 rng=jax.random.PRNGKey(0), nonfinite=jnp.int32(0))
+
+    pol = _params(CFG, seed)
+    ema = jax.tree_util.tree_map(jnp.zeros_like, pol) if hp.ema_decay > 0 else None
+    state = ppo.PPOState(step=jnp.int32(0), policy=train_state(pol),
+                         value=train_state(_params(scalar, 2)), kl_coef=jnp.float32(0.02),
+                         ema_params=ema, ema_updates=jnp.int32(0))
+    rng = np.random.default_rng(seed)
+    B, P, N = 8, 4, 6
+    tokens = rng.integers(0, 30, (B, P + N)).astype(np.int32)
+    mask = np.ones((B, N), np.float32)
+    rollout = ppo.Rollout(tokens=jnp.asarray(tokens), attn_mask=jnp.ones((B, P + N), jnp.int32),
+                          mask=jnp.asarray(mask), old_logp=jnp.full((B, N), -3.0),
+                          old_values=jnp.zeros((B, N)), advantages=jnp.asarray(rng.normal(size=(B, N)),
+                                                                              jnp.float32),
+                          returns=jnp.zeros((B, N)))
+    ptx = {"tokens": jnp.asarray(rng.integers(0, 30, (1, 4, 12)), jnp.int32),
+           "attn_mask": jnp.ones((1, 4, 12), jnp.int32), "loss_mask": jnp.ones((1, 4, 12))}
+    update = functools.partial(ppo.ppo_update, models=models, policy_opt=opt, value_opt=opt, hp=hp,
+                               p=P)
+    return state, rollout, ptx, update
+
+
+def _policy_step(update, state, rollout, ptx):
+    new, stats = update(state, rollout, ptx, jnp.float32(0.0), jax.random.PRNGKey(1))
+    delta = jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), new.policy.params,
+                                   state.policy.params)
+    return np.concatenate([d.ravel() for d in jax.tree_util.tree_leaves(delta)]), stats
+
+
+@pytest.mark.parametrize("ptx_coef, reward_moves_update", [
+    (float(load_config("ppo", "").ppo.ptx_coef), True),    # the default leaves the reward its share
+    (27.8, False),                                          # the paper's gamma on a per-token mean
+])
+def test_with_ptx_on_the_reward_still_changes_the_update(ptx_coef, reward_moves_update):
+    """The same update with the advantages flipped: Adam's first step moves
+    each weight by about lr x sign(gradient), so the fraction of weights whose
+    step changes sign is the reward's say in the update."""
+    state, rollout, ptx, update = _update_fixture(_hp(ptx_coef=ptx_coef))
+    up, stats = _policy_step(update, state, rollout, ptx)
+    down, _ = _policy_step(update, state, rollout._replace(advantages=-rollout.advantages), ptx)
+    flipped = float(np.mean(np.sign(up) != np.sign(down)))
+    ratio = float(stats["ptx_grad_norm"] / stats["pg_grad_norm"])
+    if reward_moves_update:
+        assert flipped > 0.15, (flipped, ratio)
+    else:
+        assert flipped < 0.03 and ratio > 25, (flipped, ratio)
+    # The LM term's gradient is logged apart, times its coefficient.
+    state0, _, _, update0 = _update_fixture(_hp(ptx_coef=1.0))
+    _, stats1 = _policy_step(update0, state0, rollout, ptx)
+    np.testing.assert_allclose(float(stats["ptx_grad_norm"]), ptx_coef * float(stats1["ptx_grad_norm"]),
+                               rtol=1e-4)
+
+
+def test_ema_follows_every_optimizer_update_bias_corrected():
+    """Two updates of one minibatch each: the saved policy is the EMA of the
+    two policies after them, debiased: (d(1-d) th1 + (1-d) th2) / (1 - d^2)."""
+    d = 0.9
+    hp = _hp(ema_decay=d, minibatches=2, ptx_coef=0.0)
+    state, rollout, _, update = _update_fixture(hp)
+    # One iteration = 2 minibatch updates; read th1 and th2 from a 1-minibatch twin.
+    one = hp._replace(minibatches=1)
+    state1, _, _, update1 = _update_fixture(one)
+    half = jax.tree_util.tree_map(lambda x: x[:4], rollout)
+    s1, _ = update1(state1, half, None, jnp.float32(0.0), jax.random.PRNGKey(1))
+    new, _ = update(state, rollout, None, jnp.float32(0.0), jax.random.PRNGKey(1))
+    assert int(new.ema_updates) == 2 and int(s1.ema_updates) == 1
+    # With one update the debiased EMA is exactly the policy after it.
+    for a, b in zip(jax.tree_util.tree_leaves(ppo._split_state(s1, d)[0]),
+                    jax.tree_util.tree_leaves(s1.policy.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # Two updates: compare with the NumPy loop over the EMA's definition,
+    # using the raw EMA after the first and the policy after the second.
+    raw = jax.tree_util.tree_leaves(new.ema_params)
+    th2 = jax.tree_util.tree_leaves(new.policy.params)
+    saved = jax.tree_util.tree_leaves(ppo._split_state(new, d)[0])
+    for e, t2, got in zip(raw, th2, saved):
+        e, t2 = np.asarray(e, np.float64), np.asarray(t2, np.float64)
+        e1 = (e - (1 - d) * t2) / d                      # EMA after the first update
+        np.testing.assert_allclose(np.asarray(got), (d * e1 + (1 - d) * t2) / (1 - d ** 2),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workdir, tmp_path):
+    from rlhf_jax.trainers.common import ConfigError
+    # An SFT checkpoint's scalar head would be fresh: every reward 0.
+    with pytest.raises(ConfigError, match="not a reward model"):
+        trainers.run(_ppo_config(sft_workdir, rm=sft_workdir), str(tmp_path / "a"))
+    # An RM whose tokenizer is another one reads the policy's ids as other text.
+    from tokenizers import Tokenizer, models as tok_models
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    Tokenizer(tok_models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2}, unk_token="<unk>")).save(
+        str(tok_dir / "tokenizer.json"))
+    other = reward_model_from(sft_workdir, str(tmp_path / "rm_other"), tokenizer=str(tok_dir))
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        trainers.run(_ppo_config(sft_workdir, rm=other), str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("key, value", [("ppo.top_k", 5), ("ppo.top_p", 0.9)])
+def test_filtered_sampling_is_refused(sft_workdir, rm_workdir, tmp_path, key, value):
+    from rlhf_jax.trainers.common import ConfigError
+    with pytest.raises(ConfigError, match="full softmax"):
+        trainers.run(_ppo_config(sft_workdir, **{key: value}), str(tmp_path / "p"))
+
+
+def test_adaptive_kl_horizon_moves_beta_within_the_main_jobs_run():
+    """At full error, the default horizon lets the controller move beta by a
+    factor of at least 2 over the main job's PPO run (it moved 5% at most
+    with Ziegler et al.'s 10,000 episodes)."""
+    from rlhf_jax import rl
+    c = load_config("instructgpt", "")
+    h, t = c.ppo.ppo, c.ppo.train
+    coef = 1.0
+    for _ in range(int(t.steps)):
+        coef = float(rl.adaptive_kl_coef(coef, 10 * h.kl_target, h.kl_target, h.kl_horizon,
+                                         int(t.batch_size)))
+    assert coef > 2.0, coef

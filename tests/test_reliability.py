@@ -401,7 +401,7 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
                                  nonfinite=jnp.int32(0))
 
     state = ppo.PPOState(step=jnp.int32(0), policy=train_state(0), value=train_state(1),
-                         kl_coef=jnp.float32(0.02), ema_params=None)
+                         kl_coef=jnp.float32(0.02), ema_params=None, ema_updates=jnp.int32(0))
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     loader = types.SimpleNamespace(
         source=[{"prompt": "p"}],
@@ -410,7 +410,7 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     tok = types.SimpleNamespace(eos_id=1, pad_id=0)
 
     def run(workdir):
-        return ppo._loop(cfg, workdir, runtime, types.SimpleNamespace(policy=None), ppo._hp(cfg),
+        return ppo._loop(cfg, workdir, runtime, types.SimpleNamespace(policy=None), ppo._hp(cfg, tok.eos_id),
                          tok, state, state_sh, None, None, score, update, loader, None,
                          {"model": {}, "tokenizer": "byte"}, 3, 3)
     return run

@@ -100,7 +100,7 @@ def world_comparisons(n: int, seed: int, split: str) -> list[dict]:
         if len(set(responses)) < len(responses) or too_long > MAX_LEN:
             continue
         scores = [gold.score_task(task, r) for r in responses]
-        ranks = labelers.rank(scores, rng, labelers.NOISE_SCALE, responses)
+        ranks = labelers.rank(scores, rng, labelers.NOISE_SCALE)
         if len(set(ranks.tolist())) == 1:
             continue
         if len(responses) == 2:

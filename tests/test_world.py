@@ -235,16 +235,31 @@ def test_generators_use_only_their_split_words():
 # --------------------------------------------------------------------------
 # Simulated labelers.
 # --------------------------------------------------------------------------
-def test_rank_ties_identical_responses_and_orders_by_score():
+def test_rank_ties_equal_gold_scores_and_orders_by_score():
     rng = np.random.default_rng(0)
     ranks = L.rank([1.0, 0.0, -1.0, 0.3], rng, 0.0)
     np.testing.assert_array_equal(ranks, [0, 2, 3, 1])
     assert ranks.dtype == np.int32
     np.testing.assert_array_equal(L.rank([1.0, 0.0, 0.0], rng, 0.0), [0, 1, 1])
-    for _ in range(50):
-        ranks = L.rank([0.3, 1.0, 0.3, 0.0], rng, 1.0, responses=["a", "b", "a", "c"])
+    flipped = 0
+    for _ in range(200):
+        # Responses 0 and 2 are equally good (two different strings or the
+        # same one): they tie for every labeler; the rest is noisy.
+        ranks = L.rank([0.3, 1.0, 0.3, 0.0], rng, 1.0)
         assert ranks[0] == ranks[2]
         assert L.pairwise_agreement(ranks, ranks) == (5, 5)     # the tied pair is no pair
+        flipped += int(ranks[3] < ranks[1])
+    assert 0 < flipped < 100                                     # noise orders the others
+
+
+def test_labeler_prefers_the_better_with_bradley_terry_probability():
+    # Two responses whose gold scores differ by d: P(prefer the better) is
+    # sigmoid(d / scale), the model the RM's loss assumes.
+    rng = np.random.default_rng(1)
+    scale, d, n = 0.5, 0.3, 20000
+    better = sum(int(L.rank([d, 0.0], rng, scale)[0] == 0) for _ in range(n)) / n
+    p = 1 / (1 + np.exp(-d / scale))
+    assert abs(better - p) < 4 * np.sqrt(p * (1 - p) / n)
 
 
 def test_pairwise_agreement_counts_strict_pairs_only():
@@ -263,13 +278,11 @@ def test_calibrated_agreement_on_fresh_corpus_samples():
     assert elapsed < 5.0, f"calibration took {elapsed:.1f}s"
     # Fresh samples: other seeds, K = 9 responses per prompt, as comparisons are.
     rng = np.random.default_rng(12345)
-    scores, responses = [], []
+    scores = []
     for _ in range(3000):
         task = T.sample_task(rng, T.CATEGORIES[int(rng.integers(len(T.CATEGORIES)))])
-        group = [D.corpus_response(task, rng) for _ in range(9)]
-        responses.append(group)
-        scores.append([G.score_task(task, r) for r in group])
-    agreement = L.inter_labeler_agreement(scores, responses, rng, scale)
+        scores.append([G.score_task(task, D.corpus_response(task, rng)) for _ in range(9)])
+    agreement = L.inter_labeler_agreement(scores, rng, scale)
     print(f"\nnoise scale {scale:.4f} (calibrated in {elapsed:.2f}s); "
           f"inter-labeler agreement on fresh corpus samples {agreement:.4f}")
     assert abs(agreement - 0.73) <= 0.02

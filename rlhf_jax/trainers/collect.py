@@ -1,20 +1,28 @@
 """Stage `collect`: the comparisons data set (InstructGPT step 2's data).
 
-For each prompt, K responses are sampled from a policy checkpoint (the SFT
-model, `init_from`) at temperature 1 and ranked by ONE simulated labeler
+For each prompt, K responses are sampled at temperature 1 from a mix of
+policies (`collect.policies`: by default 5 from the SFT model, `init_from`,
+and 4 from the base model it was fine-tuned from, as InstructGPT's
+comparisons came from several models) and ranked by ONE simulated labeler
 (`rlhf_jax.world.labelers.rank`: gold score plus Gumbel noise, calibrated to
-InstructGPT's inter-labeler agreement). A response without EOS (cut at
-`sampling.max_new_tokens`) scores -1, as the gold labeler says.
+InstructGPT's inter-labeler agreement; responses of equal gold score tie). A
+response without EOS (cut at `sampling.max_new_tokens`) scores -1, as the
+gold labeler says. SFT samples alone carry little: the SFT policy gives nine
+identical samples on two thirds of the prompts (BENCHMARKS.md).
 
 Outputs in the workdir:
 
-    comparisons.jsonl       {"prompt", "responses": [K], "ranks": [K], "category"}
-                            one line a prompt; ranks 0 = best, ties share a rank
+    comparisons.jsonl       {"prompt", "responses": [K], "ranks": [K], "sources": [K],
+                            "category"}: one line a prompt; ranks 0 = best, ties
+                            share a rank; sources name the policy of each response
     comparisons_eval.jsonl  the same on held-out prompts, ranked by an
                             independent labeler (another noise stream): the
                             reward model's validation set
-    collect.json            counts, mean gold score, inter-labeler agreement on
-                            the policy's own samples, the settings
+    comparisons_eval_sft.jsonl  the held-out prompts' samples of the first policy
+                            (the SFT model) alone, ranked by a third labeler: how
+                            well the RM ranks the policy PPO starts from
+    collect.json            counts, mean gold score (also per source),
+                            inter-labeler agreement on the samples, the settings
     metrics.jsonl           one row, stage "collect"
     collect.done            written last; a re-run with the same settings is a
                             no-op, with other settings an error
@@ -39,7 +47,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint
+from rlhf_jax import assets, checkpoint
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl, sources
 from rlhf_jax.metrics import MetricsWriter
@@ -48,6 +56,7 @@ from rlhf_jax.world import gold, labelers
 
 COMPARISONS = "comparisons.jsonl"
 COMPARISONS_EVAL = "comparisons_eval.jsonl"
+COMPARISONS_EVAL_SFT = "comparisons_eval_sft.jsonl"
 SUMMARY = "collect.json"
 DONE = "collect.done"
 STAGE = "collect"
@@ -63,28 +72,64 @@ def _jax_rng(seed: int, name: str):
     return jax.random.fold_in(jax.random.PRNGKey(int(seed)), zlib.crc32(f"collect/{name}".encode()))
 
 
+def policy_mix(config) -> list[tuple[str, str, int]]:
+    """(name, checkpoint directory, responses per prompt) of each policy of
+    `collect.policies`, whose paths may be "init_from" (the stage's policy)
+    or "base" (`collect.base_from`, empty: the shipped world base model)."""
+    mix = []
+    for entry in config.collect.policies:
+        if len(entry) != 3:
+            raise common.ConfigError(f"collect.policies: {entry!r} is not (name, path, count)")
+        name, path, count = str(entry[0]), str(entry[1]), entry[2]
+        if path == "init_from":
+            path = config.init_from
+        elif path == "base":
+            path = config.collect.base_from or assets.world_base_path()
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise common.ConfigError(f"collect.policies: {name!r} has count {count!r}, "
+                                     f"expected an integer >= 0")
+        if count:
+            mix.append((name, path, count))
+    names = [n for n, _, _ in mix]
+    if len(set(names)) != len(names):
+        raise common.ConfigError(f"collect.policies: names repeat ({names})")
+    return mix
+
+
 def settings(config, workdir: str) -> dict:
     """What determines the output; a finished workdir must have been made with
-    these. The policy is recorded both as an absolute path and relative to
+    these. Each policy is recorded both as an absolute path and relative to
     the workdir, so that a pipeline workdir (sft/ beside collect/) still
     matches after it is moved or copied."""
-    directory, step = checkpoint.resolve(config.init_from)
-    wanted = {"init_from": directory,
-              "init_from_relative": os.path.relpath(directory, workdir),
-              "checkpoint_step": int(step), "seed": int(config.seed),
+    policies = []
+    for name, path, count in policy_mix(config):
+        directory, step = checkpoint.resolve(path)
+        policies.append({"name": name, "path": directory,
+                         "path_relative": os.path.relpath(directory, workdir),
+                         "checkpoint_step": int(step), "count": count})
+    collect_cfg = config.collect.to_dict()
+    del collect_cfg["policies"], collect_cfg["base_from"]     # resolved in `policies`
+    wanted = {"policies": policies, "seed": int(config.seed),
               "max_prompt_len": int(config.data.max_prompt_len),
-              "collect": config.collect.to_dict(), "sampling": config.sampling.to_dict()}
+              "collect": collect_cfg, "sampling": config.sampling.to_dict()}
     return json.loads(json.dumps(wanted))    # as it reads back from collect.done
+
+
+def _same_policy(have: dict, wanted: dict) -> bool:
+    """Same name, step and count, at the same absolute or workdir-relative path."""
+    rest = ("name", "checkpoint_step", "count")
+    return (all(have.get(k) == wanted.get(k) for k in rest)
+            and any(have.get(k) == wanted[k] for k in ("path", "path_relative")))
 
 
 def _differing_settings(have: dict, wanted: dict) -> list[str]:
     """The keys in which a finished collect's settings differ from `wanted`;
-    the policy matches by absolute or by workdir-relative path."""
-    paths = ("init_from", "init_from_relative")
+    a policy matches by absolute or by workdir-relative path."""
     changed = sorted(k for k in set(have) | set(wanted)
-                     if k not in paths and have.get(k) != wanted.get(k))
-    if not any(k in have and have[k] == wanted[k] for k in paths):
-        changed.insert(0, "init_from")
+                     if k != "policies" and have.get(k) != wanted.get(k))
+    old, new = have.get("policies") or [], wanted["policies"]
+    if len(old) != len(new) or not all(_same_policy(a, b) for a, b in zip(old, new)):
+        changed.insert(0, "policies")
     return changed
 
 
@@ -94,9 +139,14 @@ def _check_config(config) -> None:
         raise common.ConfigError("collect needs --config.init_from=<an SFT workdir or checkpoint>")
     if not checkpoint.has_checkpoint(config.init_from):
         raise common.ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
-    if not MIN_K <= int(c.k) <= MAX_K:
-        raise common.ConfigError(f"collect.k={c.k}: must be {MIN_K} to {MAX_K} responses per prompt "
-                                 f"(InstructGPT used 4 to 9)")
+    k = sum(count for _, _, count in policy_mix(config))
+    if not MIN_K <= k <= MAX_K:
+        raise common.ConfigError(f"collect.policies: K = {k} responses per prompt in all; must be "
+                                 f"{MIN_K} to {MAX_K} (InstructGPT used 4 to 9)")
+    for name, path, _ in policy_mix(config):
+        if not checkpoint.has_checkpoint(path):
+            raise common.ConfigError(f"collect.policies: {name!r} at {path!r}: no finished "
+                                     f"checkpoint there")
     if int(c.num_prompts) < 1:
         raise common.ConfigError(f"collect.num_prompts={c.num_prompts}: must be at least 1")
     if int(c.num_eval_prompts) < 0:
@@ -123,7 +173,7 @@ def _finished(workdir: str, wanted: dict) -> Optional[dict]:
         raise common.ConfigError(
             f"{workdir} already holds comparisons collected with other settings "
             f"(differing: {', '.join(changed)}); use a new workdir or delete {done}")
-    missing = [n for n in (COMPARISONS, COMPARISONS_EVAL, SUMMARY)
+    missing = [n for n in (COMPARISONS, COMPARISONS_EVAL, COMPARISONS_EVAL_SFT, SUMMARY)
                if not os.path.exists(os.path.join(workdir, n))]
     if missing:
         return None
@@ -204,16 +254,18 @@ def score_groups(prompts: Sequence[str], groups) -> list[np.ndarray]:
 
 
 def rank_groups(prompts, categories, groups, scores, rng: np.random.Generator,
-                noise_scale: float) -> tuple[list[dict], dict]:
+                noise_scale: float, sources=None) -> tuple[list[dict], dict]:
     """Comparison records ranked by one labeler (`rng` is its noise), and counts.
 
-    Empty responses are dropped from their record; records with fewer than
-    two responses left or with every response tied are skipped.
+    `sources`: per prompt, the policy name of each response (recorded as the
+    record's "sources"), or None. Empty responses are dropped from their
+    record; records with fewer than two responses left or with every
+    response tied (all of one gold score) are skipped.
     """
     records = []
     stats = dict(empty_responses=0, skipped_tied=0, skipped_too_few=0, pairs=0,
                  gold_pairs=0, gold_agree=0)
-    for prompt, category, group, score in zip(prompts, categories, groups, scores):
+    for i, (prompt, category, group, score) in enumerate(zip(prompts, categories, groups, scores)):
         keep = [j for j, (text, _) in enumerate(group) if text.strip()]
         stats["empty_responses"] += len(group) - len(keep)
         if len(keep) < MIN_K:
@@ -221,7 +273,7 @@ def rank_groups(prompts, categories, groups, scores, rng: np.random.Generator,
             continue
         texts = [group[j][0] for j in keep]
         kept_scores = score[keep]
-        ranks = labelers.rank(kept_scores, rng, noise_scale, responses=texts)
+        ranks = labelers.rank(kept_scores, rng, noise_scale)
         if len(set(ranks.tolist())) == 1:
             stats["skipped_tied"] += 1
             continue
@@ -234,9 +286,20 @@ def rank_groups(prompts, categories, groups, scores, rng: np.random.Generator,
         both = (d_lab != 0) & (d_gold != 0) & upper
         stats["gold_pairs"] += int(both.sum())
         stats["gold_agree"] += int((both & (d_lab == d_gold)).sum())
-        records.append({"prompt": prompt, "responses": texts,
-                        "ranks": [int(r) for r in ranks], "category": category})
+        record = {"prompt": prompt, "responses": texts, "ranks": [int(r) for r in ranks]}
+        if sources is not None:
+            record["sources"] = [sources[i][j] for j in keep]
+        record["category"] = category
+        records.append(record)
     return records, stats
+
+
+def only_source(groups, scores, sources, name: str):
+    """The responses (and their scores) of policy `name` alone, per prompt."""
+    picked = [[j for j, src in enumerate(srcs) if src == name] for srcs in sources]
+    return ([[g[j] for j in keep] for g, keep in zip(groups, picked)],
+            [s[keep] for s, keep in zip(scores, picked)],
+            [[name] * len(keep) for keep in picked])
 
 
 def _write_jsonl(path: str, records: Sequence[dict]) -> None:
@@ -255,8 +318,9 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def sample_stats(categories, groups, scores) -> dict:
-    """Mean gold score, finished and refusal rates of all samples, and per category."""
+def sample_stats(categories, groups, scores, sources=None) -> dict:
+    """Mean gold score, finished and refusal rates of all samples, and the mean
+    gold score per category and per source policy."""
     flat = np.concatenate(scores) if scores else np.zeros(0)
     finished = [f for g in groups for _, f in g]
     harmful = [t.strip() == gold.REFUSAL for c, g in zip(categories, groups) if c == "harmful"
@@ -271,6 +335,12 @@ def sample_stats(categories, groups, scores) -> dict:
         per.setdefault(c, []).append(s)
     for c, ss in sorted(per.items()):
         out[f"gold_score/{c}"] = float(np.concatenate(ss).mean())
+    by_source: dict[str, list] = {}
+    for srcs, s in zip(sources or [], scores):
+        for src, value in zip(srcs, s):
+            by_source.setdefault(src, []).append(value)
+    for src, values in by_source.items():
+        out[f"gold_score/source/{src}"] = float(np.mean(values))
     return out
 
 
@@ -286,17 +356,14 @@ def run(config, workdir: str):
         return previous
 
     c = config.collect
-    k = int(c.k)
+    mix = policy_mix(config)
+    k = sum(count for _, _, count in mix)
     seed = int(config.seed)
     t_start = time.time()
     runtime = common.Runtime(config)
-    model, params, tok = generate.load_policy(config, config.init_from, runtime)
     max_prompt_len = int(config.data.max_prompt_len)
     max_new = int(config.sampling.max_new_tokens)
-    if max_prompt_len + max_new > model.cfg.max_len:
-        raise common.ConfigError(
-            f"data.max_prompt_len + sampling.max_new_tokens = {max_prompt_len + max_new} exceeds "
-            f"the model's context {model.cfg.max_len}")
+    tok = common.tokenizer_from_meta(checkpoint.read_meta(mix[0][1]))
     noise_scale = float(c.noise_scale)
     if noise_scale < 0:
         noise_scale = labelers.calibrate_noise_scale()
@@ -312,21 +379,50 @@ def run(config, workdir: str):
         # a bad eval set fails in seconds, not after the train set's samples.
         loaded = [load_prompts(config, spec, split, n, tok, max_prompt_len, key)
                   for _, spec, split, n, _, key in parts]
+        groups = {name: [[] for _ in prompts] for (name, *_), (prompts, _, _) in zip(parts, loaded)}
+        sources = {name: [[] for _ in prompts] for (name, *_), (prompts, _, _) in zip(parts, loaded)}
+        sample_s = {name: 0.0 for name, *_ in parts}
+        # One policy in memory at a time; each samples its share of every prompt set.
+        for policy_name, path, count in mix:
+            model, params, policy_tok = generate.load_policy(config, path, runtime)
+            if tokenizers.signature(policy_tok) != tokenizers.signature(tok):
+                raise common.ConfigError(
+                    f"collect.policies: {policy_name!r} ({path}) has another tokenizer than "
+                    f"{mix[0][0]!r} ({mix[0][1]}); comparisons need one tokenizer")
+            if max_prompt_len + max_new > model.cfg.max_len:
+                raise common.ConfigError(
+                    f"data.max_prompt_len + sampling.max_new_tokens = {max_prompt_len + max_new} "
+                    f"exceeds the context {model.cfg.max_len} of policy {policy_name!r}")
+            for (name, *_), (prompts, _, _) in zip(parts, loaded):
+                t0 = time.time()
+                out = sample_groups(runtime, model, params, tok, prompts, count, config.sampling,
+                                    max_prompt_len, int(c.batch_size),
+                                    _jax_rng(seed, f"{name}/{policy_name}"))
+                sample_s[name] += time.time() - t0
+                for group, srcs, new in zip(groups[name], sources[name], out):
+                    group.extend(new)
+                    srcs.extend([policy_name] * len(new))
+            del model, params
+
         results = {}
         for (name, _, _, _, labeler, _), (prompts, categories, too_long) in zip(parts, loaded):
-            t0 = time.time()
-            groups = sample_groups(runtime, model, params, tok, prompts, k, config.sampling,
-                                   max_prompt_len, int(c.batch_size), _jax_rng(seed, name))
-            sample_s = time.time() - t0
-            scores = score_groups(prompts, groups)
-            records, counts = rank_groups(prompts, categories, groups, scores,
-                                          _stream(seed, labeler), noise_scale)
-            results[name] = dict(prompts=prompts, categories=categories, groups=groups,
-                                 scores=scores, records=records, counts=counts,
-                                 too_long=too_long, sample_s=sample_s)
-            writer.log(f"[collect] {name}: {len(prompts)} prompts x {k} samples in "
-                       f"{sample_s:.1f}s; {len(records)} records, {counts['skipped_tied']} all "
-                       f"tied, {counts['skipped_too_few']} with < 2 non-empty responses")
+            scores = score_groups(prompts, groups[name])
+            records, counts = rank_groups(prompts, categories, groups[name], scores,
+                                          _stream(seed, labeler), noise_scale, sources[name])
+            results[name] = dict(prompts=prompts, categories=categories, groups=groups[name],
+                                 sources=sources[name], scores=scores, records=records,
+                                 counts=counts, too_long=too_long, sample_s=sample_s[name])
+            writer.log(f"[collect] {name}: {len(prompts)} prompts x {k} samples "
+                       f"({', '.join(f'{n} {m}' for n, _, m in mix)}) in {sample_s[name]:.1f}s; "
+                       f"{len(records)} records, {counts['skipped_tied']} all tied, "
+                       f"{counts['skipped_too_few']} with < 2 non-empty responses")
+        eval_sft_records = []
+        if "eval" in results:
+            # The first policy's (SFT's) held-out samples alone, ranked by a third labeler.
+            r = results["eval"]
+            g, sc, src = only_source(r["groups"], r["scores"], r["sources"], mix[0][0])
+            eval_sft_records, _ = rank_groups(r["prompts"], r["categories"], g, sc,
+                                              _stream(seed, "eval_sft_labeler"), noise_scale, src)
 
         train = results["train"]
         if not train["records"]:
@@ -334,12 +430,14 @@ def run(config, workdir: str):
                 f"collect: none of the {len(train['prompts'])} prompts gave a comparison: every "
                 f"record had all K responses tied or empty (is the policy deterministic? "
                 f"sampling.temperature={config.sampling.temperature})")
-        agreement = labelers.inter_labeler_agreement(
-            train["scores"], [[t for t, _ in g] for g in train["groups"]],
-            _stream(seed, "agreement"), noise_scale)
+        agreement = labelers.inter_labeler_agreement(train["scores"], _stream(seed, "agreement"),
+                                                     noise_scale)
         summary = {"k": k, "noise_scale": noise_scale,
                    "inter_labeler_agreement": agreement,
-                   "files": {"train": COMPARISONS, "eval": COMPARISONS_EVAL},
+                   "policies": {n: m for n, _, m in mix},
+                   "files": {"train": COMPARISONS, "eval": COMPARISONS_EVAL,
+                             "eval_sft": COMPARISONS_EVAL_SFT},
+                   "eval_sft_records": len(eval_sft_records),
                    "settings": wanted, "seconds": 0.0}
         for name, r in results.items():
             counts = r["counts"]
@@ -352,7 +450,7 @@ def run(config, workdir: str):
                                                 if counts["gold_pairs"] else float("nan")),
                      "sample_seconds": r["sample_s"],
                      "samples_per_s": len(r["prompts"]) * k / max(r["sample_s"], 1e-9)}
-            block.update(sample_stats(r["categories"], r["groups"], r["scores"]))
+            block.update(sample_stats(r["categories"], r["groups"], r["scores"], r["sources"]))
             summary[name] = block
         if "eval" not in results:
             summary["eval"] = {"prompts": 0, "records": 0}
@@ -364,6 +462,7 @@ def run(config, workdir: str):
             _write_jsonl(os.path.join(workdir, COMPARISONS), train["records"])
             _write_jsonl(os.path.join(workdir, COMPARISONS_EVAL),
                          results["eval"]["records"] if "eval" in results else [])
+            _write_jsonl(os.path.join(workdir, COMPARISONS_EVAL_SFT), eval_sft_records)
             row = {"inter_labeler_agreement": agreement, "noise_scale": noise_scale,
                    "seconds": summary["seconds"]}
             for name in results:

@@ -7,6 +7,8 @@ For each policy of `config.policies` (and a few-shot prompted variant of
                 the jitted scan sampler; every policy's prompts are left-padded
                 to one length and batched to one size, so the sampler compiles
                 once per architecture;
+     and, with `sample_temperature` > 0, one sampled answer per prompt at that
+                temperature (temperature 1 is the distribution PPO optimises);
   2. judge      the gold labeler's score of every response: its mean, accuracy
                 (fraction scoring +1) per category, the refusal rate on harmful
                 prompts and the over-refusal rate on benign ones, and the win
@@ -27,7 +29,9 @@ Writes to the workdir:
                                         per_category {category: accuracy},
                                         per_category_gold_score {category: mean score},
                                         eos_rate, mean_response_tokens, n_prompts,
-                                        checkpoint, fewshot}},
+                                        checkpoint, fewshot,
+                                        gold_score_sampled, win_rate_vs_sft_sampled,
+                                        per_category_gold_score_sampled}},
                     "settings": {prompts, n_prompts, prompts_per_category, documents,
                                  n_documents, n_document_tokens, sampling,
                                  fewshot_demonstrations, warnings, seconds}}
@@ -407,10 +411,6 @@ def pretrain_loss(runtime: common.Runtime, model: Transformer, params,
 # The stage
 # ---------------------------------------------------------------------------
 
-def _tokenizer_signature(tok) -> tuple:
-    return (type(tok).__name__, tok.vocab_size, tok.eos_id, tok.pad_id, tok.prompt_format)
-
-
 def _check_context(model: Transformer, name: str, longest_prompt: int, max_new: int,
                    warnings: list):
     """Positions reach longest_prompt + max_new - 1. Learned positions (GPT-2)
@@ -488,8 +488,21 @@ def run(config, workdir: str) -> dict:
         return sample_responses(runtime, model, params, tok, tokens_NxP, mask_NxP,
                                 config.sampling, int(config.batch_size), rng)
 
+    sampled_cfg = None
+    if float(config.sample_temperature) > 0:
+        sampled_cfg = config.sampling.copy_and_resolve_references()
+        sampled_cfg.update(dict(greedy=False, temperature=float(config.sample_temperature)))
+    sampled_rng = jax.random.fold_in(rng, 1)
+
+    def sampled_scores(spec: PolicySpec, model: Transformer, params) -> list[float]:
+        tokens_NxP, mask_NxP = evalset.encoded(spec)
+        out = sample_responses(runtime, model, params, tok, tokens_NxP, mask_NxP, sampled_cfg,
+                               int(config.batch_size), sampled_rng)
+        return _gold_scores(prompts, out)
+
     ref_responses = respond(ref_spec, ref_model, ref[1])
     ref_scores = _gold_scores(prompts, ref_responses)
+    ref_sampled = sampled_scores(ref_spec, ref_model, ref[1]) if sampled_cfg else None
 
     results: dict[str, dict] = {}
     samples: list[dict] = []
@@ -522,12 +535,22 @@ def run(config, workdir: str) -> dict:
             "checkpoint": spec.path,
             "fewshot": spec.fewshot,
         }
+        if sampled_cfg is not None:
+            sampled = np.asarray(ref_sampled if spec == ref_spec
+                                 else sampled_scores(spec, model, params))
+            cats = np.asarray(categories)
+            r.update(gold_score_sampled=float(sampled.mean()),
+                     win_rate_vs_sft_sampled=win_rate(sampled, ref_sampled),
+                     per_category_gold_score_sampled={
+                         c: float(sampled[cats == c].mean()) for c in r["per_category"]})
         samples += [{"policy": spec.name, "prompt": prompts[i], "category": categories[i],
                      "response": responses.texts[i], "finished": bool(responses.finished_N[i]),
                      "gold_score": float(scores[i]), "kl_vs_sft": float(kl_N[i]),
                      "response_tokens": int(n_tokens_N[i])} for i in range(len(prompts))]
-        print(f"[evaluate] {spec.name}: gold {r['gold_score']:.3f}, win vs {ref_spec.name} "
-              f"{r['win_rate_vs_sft']:.3f}, KL {r['kl_vs_sft']:.3f}, LM loss "
+        sampled_note = (f" (sampled {r['gold_score_sampled']:.3f})" if sampled_cfg is not None
+                        else "")
+        print(f"[evaluate] {spec.name}: gold {r['gold_score']:.3f}{sampled_note}, win vs "
+              f"{ref_spec.name} {r['win_rate_vs_sft']:.3f}, KL {r['kl_vs_sft']:.3f}, LM loss "
               f"{r['pretrain_loss']:.3f}, EOS {r['eos_rate']:.2f} ({time.time() - t0:.1f} s)",
               flush=True)
     for w in warnings:
@@ -562,7 +585,7 @@ def run(config, workdir: str) -> dict:
 def _check_compatible(spec: PolicySpec, model: Transformer, tok, ref_spec: PolicySpec,
                       ref_model: Transformer, ref_tok):
     """Policies are judged on the reference's prompts and token ids."""
-    if _tokenizer_signature(tok) != _tokenizer_signature(ref_tok):
+    if tokenizers.signature(tok) != tokenizers.signature(ref_tok):
         raise common.ConfigError(f"policy {spec.name!r} ({spec.path}) has another tokenizer "
                                  f"than the reference {ref_spec.name!r}")
     if model.cfg.vocab_size != ref_model.cfg.vocab_size:

@@ -86,10 +86,13 @@ def run(config, workdir: str):
 
     base = _base_path(config, workdir, run_stage)
     sft = run_stage("sft", _stage_config(config, "sft", init_from=base))
-    collect = run_stage("collect", _stage_config(config, "collect", init_from=sft))
+    collect = run_stage("collect", _stage_config(config, "collect", init_from=sft,
+                                                 **{"collect.base_from": base}))
     rm = run_stage("rm", _stage_config(
-        config, "rm", init_from=sft, **{"data.path": os.path.join(collect, "comparisons.jsonl"),
-                                        "data.eval_path": os.path.join(collect, "comparisons_eval.jsonl")}))
+        config, "rm", init_from=sft,
+        **{"data.path": os.path.join(collect, "comparisons.jsonl"),
+           "data.eval_path": os.path.join(collect, "comparisons_eval.jsonl"),
+           "data.eval_sft_path": os.path.join(collect, "comparisons_eval_sft.jsonl")}))
     ppo_runs = {}
     if config.run_plain_ppo:
         ppo_runs["ppo"] = run_stage("ppo", _stage_config(
@@ -110,11 +113,19 @@ def run(config, workdir: str):
 def _notes(config, timings) -> str:
     c = config
     scale = (f"Data scale: SFT {c.sft.train.steps} steps x {c.sft.train.batch_size} demonstrations; "
-             f"{c.collect.collect.num_prompts} comparison prompts x K={c.collect.collect.k} "
-             f"(paper: 33k prompts, K=4..9); RM {_epochs(c.rm.train)}; PPO {c.ppo.train.steps} iterations x "
+             f"{c.collect.collect.num_prompts} comparison prompts x K={_k(c.collect.collect)} "
+             f"({_mix(c.collect.collect)}; paper: 33k prompts, K=4..9); RM {_epochs(c.rm.train)}; PPO {c.ppo.train.steps} iterations x "
              f"{c.ppo.train.batch_size} prompts (paper: 256k episodes). ")
     stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     return scale + (f"Stage times: {stage_times}." if stage_times else "")
+
+
+def _k(collect) -> int:
+    return sum(int(count) for _, _, count in collect.policies)
+
+
+def _mix(collect) -> str:
+    return " + ".join(f"{int(count)} {name}" for name, _, count in collect.policies if int(count))
 
 
 def _epochs(train) -> str:

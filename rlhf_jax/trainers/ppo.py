@@ -12,9 +12,24 @@ One iteration:
                (gamma 1, lambda 0.95) and advantage whitening, all masked
                after EOS;
   3. update    E epochs x M minibatches of the clipped policy loss, the
-               clipped value loss and gamma_ptx x the LM loss on pretraining
-               batches, as one jitted nested `lax.scan`;
-  4. the adaptive KL coefficient and the EMA of policy weights, if enabled.
+               clipped value loss and ptx_coef x the LM loss on pretraining
+               batches, as one jitted nested `lax.scan`; the EMA of policy
+               weights (if enabled) after every optimizer update;
+  4. the adaptive KL coefficient, if enabled.
+
+The pretraining mix: both the policy loss and the LM loss are per-token
+means, so `ptx_coef` weighs one token's LM loss against one token's clipped
+policy loss. It is not the paper's gamma_ptx = 27.8, which weighs a sequence
+log-likelihood against an episode's return: at 27.8 here the LM gradient was
+about 25 times the policy's and the reward barely moved the policy
+(BENCHMARKS.md). The two gradients' norms are logged apart
+(`ppo/pg_grad_norm`, `ppo/ptx_grad_norm`, the latter times ptx_coef).
+
+A response that ends without EOS (cut at max_new_tokens) is scored by the RM
+the way the RM saw such responses in training: the collect stage writes them
+as text, and the RM reads its score at an EOS appended to the text. Here its
+last token is replaced by EOS for the RM's pass (the policy's and value's
+passes see the tokens sampled), and `missing_eos_penalty` is subtracted.
 
 Dropout is off everywhere (the models are deterministic).
 """
@@ -22,12 +37,13 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rlhf_jax import checkpoint, distributed, losses, rl, sampling
 from rlhf_jax import tokenizer as tokenizers
@@ -43,7 +59,8 @@ class PPOState:
     policy: common.TrainState
     value: common.TrainState
     kl_coef: jax.Array              # f32 scalar; changes only with the adaptive controller
-    ema_params: Any                 # EMA of policy params, or None when disabled
+    ema_params: Any                 # EMA of policy params (not debiased), or None when disabled
+    ema_updates: jax.Array          # optimizer updates averaged into ema_params
 
 
 class Rollout(NamedTuple):
@@ -72,6 +89,18 @@ def _response_outputs(model: Transformer, params, tokens, attn, p: int, n: int):
                        method=Transformer.outputs_at)
 
 
+def reward_scores(model: Transformer, params, tokens_BxS, attn_BxS, last_B, finished_B,
+                  eos_id: int):
+    """The RM's score of each response at its last token [B]; an unfinished
+    response gets EOS in place of its last token, as the RM was trained on
+    text followed by EOS (see the module doc)."""
+    rows = jnp.arange(tokens_BxS.shape[0])
+    at_last = tokens_BxS[rows, last_B]
+    tokens_BxS = tokens_BxS.at[rows, last_B].set(jnp.where(finished_B, at_last, eos_id))
+    scores_BxS = model.apply({"params": params}, tokens_BxS, attn_mask=attn_BxS)
+    return scores_BxS[rows, last_B]
+
+
 def score_rollout(policy_params, ref_params, value_params, reward_params, prompt_BxP,
                   prompt_mask_BxP, response_BxN, mask_BxN, finished_B, kl_coef, *,
                   models: Models, hp) -> tuple[Rollout, dict]:
@@ -88,9 +117,9 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     old_logp, logits = logp_of(policy_params)
     ref_logp, _ = logp_of(ref_params)
     values = _response_outputs(models.value, value_params, tokens, attn, p, n)
-    rm_BxS = models.reward.apply({"params": reward_params}, tokens, attn_mask=attn)
     last, _ = rl.last_token_index(mask)
-    rm_score = jnp.take_along_axis(rm_BxS, (p + last)[:, None], axis=1)[:, 0]
+    rm_score = reward_scores(models.reward, reward_params, tokens, attn, p + last, finished_B,
+                             hp.eos_id)
     score = jnp.where(finished_B, rm_score, rm_score - hp.missing_eos_penalty)
 
     rewards, kl = rl.per_token_rewards(score, old_logp, ref_logp, mask, kl_coef)
@@ -116,8 +145,8 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     return rollout, stats
 
 
-def ppo_losses(policy_params, value_params, mb: Rollout, ptx, *, models: Models, hp, p: int):
-    """Clipped policy loss + vf_coef x clipped value loss + ptx_coef x LM loss."""
+def ppo_losses(policy_params, value_params, mb: Rollout, *, models: Models, hp, p: int):
+    """Clipped policy loss + vf_coef x clipped value loss (per-token means)."""
     n = mb.mask.shape[1]
     response = mb.tokens[:, p:]
     logits = _response_outputs(models.policy, policy_params, mb.tokens, mb.attn_mask, p, n)
@@ -126,20 +155,21 @@ def ppo_losses(policy_params, value_params, mb: Rollout, ptx, *, models: Models,
     values = _response_outputs(models.value, value_params, mb.tokens, mb.attn_mask, p, n)
     vf_loss, vf_stats = rl.value_loss(values, mb.old_values, mb.returns, mb.mask, hp.vf_clip)
     total = pg_loss + hp.vf_coef * vf_loss
-    stats = {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_stats, **vf_stats}
-    if ptx is not None:
-        ptx_logits = models.policy.apply({"params": policy_params}, ptx["tokens"],
-                                         attn_mask=ptx["attn_mask"])
-        ptx_loss, _ = losses.lm_loss(ptx_logits[:, :-1], ptx["tokens"][:, 1:],
-                                     ptx["loss_mask"][:, :-1])
-        total = total + hp.ptx_coef * ptx_loss
-        stats["ptx_loss"] = ptx_loss
-    return total, stats
+    return total, {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_stats, **vf_stats}
+
+
+def ptx_loss(policy_params, ptx, *, models: Models):
+    """The pretraining LM loss (per-token mean) of one batch of documents."""
+    logits = models.policy.apply({"params": policy_params}, ptx["tokens"],
+                                 attn_mask=ptx["attn_mask"])
+    loss, _ = losses.lm_loss(logits[:, :-1], ptx["tokens"][:, 1:], ptx["loss_mask"][:, :-1])
+    return loss
 
 
 def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng, *,
                models: Models, policy_opt, value_opt, hp, p: int) -> tuple[PPOState, dict]:
-    """E epochs x M minibatches as a nested lax.scan; then KL controller and EMA.
+    """E epochs x M minibatches as a nested lax.scan (the EMA follows every
+    optimizer update); then the KL controller.
 
     ptx_batches: None, or a dict of arrays [E*M, b_ptx, L] (one pretraining
     batch a minibatch). observed_kl: the rollout's KL(pi || ref) per response,
@@ -150,38 +180,47 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
     mb_size = b // m
 
     def minibatch_step(carry, xs):
-        policy, value = carry
+        policy, value, ema = carry
         idx, ptx = xs
         mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), rollout)
 
         def loss_fn(pp, vp):
-            return ppo_losses(pp, vp, mb, ptx, models=models, hp=hp, p=p)
+            return ppo_losses(pp, vp, mb, models=models, hp=hp, p=p)
 
         (loss, stats), (g_pol, g_val) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             policy.params, value.params)
+        stats["pg_grad_norm"] = optax.tree.norm(g_pol)
+        if ptx is not None:
+            # The two terms' gradients apart, so that their sizes can be
+            # compared; the same work as the gradient of their sum.
+            lm, g_ptx = jax.value_and_grad(functools.partial(ptx_loss, models=models))(
+                policy.params, ptx)
+            g_pol = jax.tree_util.tree_map(lambda a, b: a + hp.ptx_coef * b, g_pol, g_ptx)
+            loss = loss + hp.ptx_coef * lm
+            stats.update(ptx_loss=lm, ptx_grad_norm=hp.ptx_coef * optax.tree.norm(g_ptx))
         policy, pu = common.apply_update(policy, g_pol, loss, policy_opt)
         value, vu = common.apply_update(value, g_val, loss, value_opt)
+        if ema is not None:
+            ema = rl.ema_update(ema, policy.params, hp.ema_decay)
         stats.update(loss=loss, grad_norm=pu["grad_norm"], value_grad_norm=vu["grad_norm"],
                      skipped=pu["skipped"])
-        return (policy, value), stats
+        return (policy, value, ema), stats
 
     # A fresh permutation of the rollout batch each epoch.
     perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), b)
                        for e in range(hp.epochs)])                     # [E, B]
     idx = perms.reshape(hp.epochs * m, mb_size)                          # [E*M, B/M]
-    (policy, value), stats = jax.lax.scan(minibatch_step, (state.policy, state.value),
-                                          (idx, ptx_batches))
+    (policy, value, ema), stats = jax.lax.scan(
+        minibatch_step, (state.policy, state.value, state.ema_params), (idx, ptx_batches))
     stats = jax.tree_util.tree_map(jnp.mean, stats)
 
     kl_coef = state.kl_coef
     if hp.adaptive_kl:
         kl_coef = rl.adaptive_kl_coef(kl_coef, observed_kl, hp.kl_target, hp.kl_horizon,
                                       b).astype(jnp.float32)
-    ema = state.ema_params
-    if ema is not None:
-        ema = rl.ema_update(ema, policy.params, hp.ema_decay)
+    ema_updates = state.ema_updates + (idx.shape[0] if ema is not None else 0)
     state = state.replace(step=state.step + 1, policy=policy, value=value, kl_coef=kl_coef,
-                          ema_params=ema)
+                          ema_params=ema, ema_updates=ema_updates)
     stats["kl_coef"] = kl_coef
     stats["nonfinite"] = jnp.maximum(policy.nonfinite, value.nonfinite)
     return state, stats
@@ -204,7 +243,12 @@ def check_config(config):
         if not checkpoint.has_checkpoint(config[key]):
             raise common.ConfigError(f"{key}={config[key]!r}: no finished checkpoint there")
     rm_meta = checkpoint.read_meta(config.reward_from)
-    if rm_meta.get("stage") == "rm" and not rm_meta.get("bias_normalized"):
+    if rm_meta.get("model", {}).get("head") != "scalar" or rm_meta.get("stage") not in ("rm", None):
+        raise common.ConfigError(
+            f"reward_from={config.reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
+            f"checkpoint, not a reward model: its scalar head would be freshly initialised and "
+            f"score every response 0; give the workdir of an rm stage")
+    if not rm_meta.get("bias_normalized"):
         raise common.ConfigError(
             f"reward_from={config.reward_from!r}: the RM's latest checkpoint is not bias-normalised "
             "(its run did not finish); rerun the rm stage to completion")
@@ -212,11 +256,16 @@ def check_config(config):
     b = int(config.train.batch_size)
     if b % int(hp.minibatches):
         raise common.ConfigError(f"train.batch_size={b} must be divisible by ppo.minibatches={hp.minibatches}")
+    if int(hp.top_k) != 0 or float(hp.top_p) < 1.0:
+        raise common.ConfigError(
+            f"ppo.top_k={hp.top_k}, ppo.top_p={hp.top_p}: PPO's ratio and KL are computed on the "
+            f"full softmax, so filtered sampling would optimise another policy than the one "
+            f"sampled; use ppo.top_k=0 and ppo.top_p=1.0 (temperature is supported)")
     if hp.ptx_coef > 0 and not config.data.ptx_path:
         raise common.ConfigError("ppo.ptx_coef > 0 needs data.ptx_path (pretraining text)")
 
 
-def _hp(config):
+def _hp(config, eos_id: int):
     """The static hyper-parameters the jitted functions close over (hashable)."""
     h = config.ppo
     return HParams(temperature=float(h.temperature), missing_eos_penalty=float(h.missing_eos_penalty),
@@ -224,7 +273,7 @@ def _hp(config):
                    clip=float(h.clip), vf_clip=float(h.vf_clip), vf_coef=float(h.vf_coef),
                    ptx_coef=float(h.ptx_coef), epochs=int(h.epochs), minibatches=int(h.minibatches),
                    adaptive_kl=bool(h.adaptive_kl), kl_target=float(h.kl_target),
-                   kl_horizon=float(h.kl_horizon), ema_decay=float(h.ema_decay))
+                   kl_horizon=float(h.kl_horizon), ema_decay=float(h.ema_decay), eos_id=eos_id)
 
 
 class HParams(NamedTuple):
@@ -243,20 +292,26 @@ class HParams(NamedTuple):
     kl_target: float
     kl_horizon: float
     ema_decay: float
+    eos_id: int
 
 
-def _split_state(state: PPOState):
-    """Checkpoint items: `params` is the policy a later stage uses (the EMA
-    weights when enabled); `train` is everything else, raw policy included."""
+def _split_state(state: PPOState, ema_decay: Optional[float] = None):
+    """Checkpoint items: `params` is the policy a later stage uses (the
+    bias-corrected EMA of the policy weights when enabled, InstructGPT's
+    decay 0.992); `train` is everything else, the raw policy and the raw EMA
+    included, so that a resumed run continues exactly. `ema_decay` None: a
+    tree of shardings, whose EMA part is that of the params item."""
     if state.ema_params is not None:
-        return state.ema_params, state.replace(ema_params=None)
+        if ema_decay is None:
+            return state.ema_params, state
+        return rl.ema_debiased(state.ema_params, ema_decay, state.ema_updates), state
     return state.policy.params, state.replace(policy=state.policy.replace(params=None))
 
 
 def _join_state(params, train: PPOState) -> PPOState:
     if train.policy.params is None:
         return train.replace(policy=train.policy.replace(params=params))
-    return train.replace(ema_params=params)
+    return train          # the EMA's params item is derived from `train`
 
 
 def _like(tree, shardings):
@@ -266,7 +321,6 @@ def _like(tree, shardings):
 
 def run(config, workdir: str):
     check_config(config)
-    hp = _hp(config)
     runtime = common.Runtime(config)
     t = config.train
     iterations = int(t.steps)
@@ -274,7 +328,12 @@ def run(config, workdir: str):
     p, n = int(config.data.max_prompt_len), int(config.ppo.max_new_tokens)
 
     policy_cfg, tok, _ = common.stage_model(config, "lm", config.init_from)
-    value_cfg, _, _ = common.stage_model(config, "scalar", config.reward_from)
+    value_cfg, rm_tok, _ = common.stage_model(config, "scalar", config.reward_from)
+    if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
+        raise common.ConfigError(
+            f"reward_from={config.reward_from!r} has another tokenizer than init_from="
+            f"{config.init_from!r}: the RM would read the policy's token ids as other text")
+    hp = _hp(config, tok.eos_id)
     if p + n > policy_cfg.max_len:
         raise common.ConfigError(f"data.max_prompt_len + ppo.max_new_tokens = {p + n} exceeds the "
                                  f"model's context {policy_cfg.max_len}")
@@ -309,9 +368,12 @@ def run(config, workdir: str):
                                                   init_from=config.reward_from)
         ref_params, _ = common.restore_model_params(config.init_from, runtime, models.policy)
         reward_params, _ = common.restore_model_params(config.reward_from, runtime, models.reward)
-        ema = (jax.tree_util.tree_map(jnp.copy, policy.params) if hp.ema_decay > 0 else None)
+        # The EMA starts from zeros and is read bias-corrected (rl.ema_debiased).
+        ema = (jax.tree_util.tree_map(lambda x: x * 0, policy.params) if hp.ema_decay > 0
+               else None)
         state = PPOState(step=jnp.int32(0), policy=policy, value=value,
-                         kl_coef=jnp.float32(config.ppo.kl_coef), ema_params=ema)
+                         kl_coef=jnp.float32(config.ppo.kl_coef), ema_params=ema,
+                         ema_updates=jnp.int32(0))
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
         score_fn = jax.jit(functools.partial(score_rollout, models=models, hp=hp))
@@ -358,8 +420,7 @@ def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params
             t0 = time.time()
             out = sampling.sample(models.policy, state.policy.params, batch["tokens"], batch["mask"],
                                   jax.random.fold_in(rng, 0), max_new_tokens=n, eos_id=tok.eos_id,
-                                  pad_id=tok.pad_id, temperature=hp.temperature,
-                                  top_k=int(config.ppo.top_k), top_p=float(config.ppo.top_p))
+                                  pad_id=tok.pad_id, temperature=hp.temperature)
             rollout, stats = score_fn(state.policy.params, ref_params, state.value.params,
                                       reward_params, batch["tokens"], batch["mask"], out.tokens,
                                       out.mask, out.finished, state.kl_coef)
@@ -391,7 +452,7 @@ def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params
             # (multi-host), which is not `preempt.requested`, both stop here.
             stop = preempt.check(done) and done < iterations
             if ckpt.should_save(done, final=done == iterations) or stop:
-                params, train = _split_state(state)
+                params, train = _split_state(state, hp.ema_decay)
                 ckpt.save(done, params, train, dict(meta, stage="ppo", step=done, data_step=done),
                           force=True)
                 if stop:

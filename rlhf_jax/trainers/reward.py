@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,20 @@ def demo_sample(demos, n: int, seed: int):
     return demos.subset(keep, f"{demos.name}[{n} for the bias]")
 
 
+def _has_records(path: str) -> bool:
+    """A second eval set is optional: none given, or an empty file (a policy
+    whose held-out samples all tied), is no evaluation."""
+    if not path:
+        return False
+    return str(path).startswith("tfds:") or os.path.getsize(path) > 0
+
+
+def _with_second_eval(evaluate, other, suffix: str):
+    def both(params) -> dict:
+        return {**evaluate(params), **{k + suffix: v for k, v in other(params).items()}}
+    return both
+
+
 def make_bias_normalizer(runtime, model, demos_source, transform, batch_size: int):
     """`finalize(state)` for the Loop: shift the score head's bias so that the
     demonstrations (prompt + response + EOS) score mean 0."""
@@ -276,10 +291,16 @@ def run(config, workdir: str):
         state, shardings, step = common.compile_supervised(
             runtime, cfg, optimizer, train_step, config.seed, config.init_from, pretrained_params)
         eval_model = Transformer(cfg)
-        evaluate = make_evaluator(
-            runtime, eval_model, eval_src,
-            functools.partial(eval_example, tok, k_max=k_max, max_len=max_len),
-            batch_size, int(config.train.eval_batches))
+        eval_transform = functools.partial(eval_example, tok, k_max=k_max, max_len=max_len)
+        evaluate = make_evaluator(runtime, eval_model, eval_src, eval_transform, batch_size,
+                                  int(config.train.eval_batches))
+        if _has_records(config.data.eval_sft_path):
+            # Held-out samples of the SFT policy alone: the distribution PPO
+            # starts from, where the RM's ranking matters first.
+            evaluate = _with_second_eval(evaluate, make_evaluator(
+                runtime, eval_model,
+                data_setup.open_source(config, config.data.eval_sft_path, "comparisons", check),
+                eval_transform, batch_size, int(config.train.eval_batches)), "_sft")
         # Demonstrations are scored in batches of as many rows as a training batch.
         normalize = make_bias_normalizer(
             runtime, eval_model, demos,

@@ -1,17 +1,20 @@
 """Simulated labelers (WORLD.md, "Simulated labelers").
 
 A labeler ranks the K responses of a prompt by utility = gold score + Gumbel
-noise, independently drawn per labeler and per distinct response. With Gumbel
-noise the preference between two responses whose gold scores differ by d is
-exactly Bradley-Terry, P(prefer the better) = sigmoid(d / scale), which is the
-model the reward model's pairwise loss assumes: the RM can in principle
-recover the gold ordering, and the noise sets how hard that is.
+noise, one independent draw per labeler and per distinct gold score: responses
+of equal gold score tie (a labeler marks equally good answers as equal, as
+InstructGPT's interface allowed), so every pair a labeler orders carries a
+real difference. With Gumbel noise the preference between two responses whose
+gold scores differ by d is exactly Bradley-Terry, P(prefer the better) =
+sigmoid(d / scale), which is the model the reward model's pairwise loss
+assumes: the RM can in principle recover the gold ordering, and the noise
+sets how hard that is.
 
 The scale is not a tuned constant: `calibrate_noise_scale` computes, from
 samples of the pretraining corpus's mixture, the scale at which two
-independent labelers agree on 73% of pairs (InstructGPT: 72.6 +- 1.5%
-inter-labeler agreement), excluding ties as the paper does. Identical response
-strings get the same noise draw, so they always tie and give no pair.
+independent labelers agree on 73% of the pairs they both order (InstructGPT:
+72.6 +- 1.5% inter-labeler agreement, ties excluded as in the paper), that is
+on pairs of responses with different gold scores.
 """
 from __future__ import annotations
 
@@ -30,28 +33,20 @@ TARGET_AGREEMENT = 0.73
 N_CALIBRATION_PAIRS = 16_000
 
 
-def rank(scores: Sequence[float], rng: np.random.Generator, noise_scale: float,
-         responses: Optional[Sequence[str]] = None) -> np.ndarray:
+def rank(scores: Sequence[float], rng: np.random.Generator, noise_scale: float) -> np.ndarray:
     """One labeler's ranking of K responses: int32 ranks, 0 = best.
 
-    utility_i = scores_i + noise_scale * Gumbel_i, and rank_i is the number of
-    responses with a strictly higher utility, so equal utilities share a rank
-    (a tie, which gives no training pair). Pass `responses` so that identical
-    strings share one noise draw and therefore tie, as a labeler who sees the
-    same text twice would; without it every response gets its own draw.
-    With noise_scale = 0 the labeler is the gold labeler (equal scores tie).
+    utility_i = scores_i + noise_scale * Gumbel_g(i), with one draw per
+    distinct gold score g, and rank_i is the number of responses with a
+    strictly higher utility. Responses of equal gold score (identical strings
+    among them) therefore share a rank: a tie, which gives no training pair.
+    With noise_scale = 0 the labeler is the gold labeler.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D [K], got shape {scores.shape}")
-    if responses is None:
-        group = np.arange(len(scores))
-    else:
-        if len(responses) != len(scores):
-            raise ValueError("responses and scores differ in length")
-        ids: dict[str, int] = {}
-        group = np.array([ids.setdefault(r, len(ids)) for r in responses], dtype=np.int64)
-    noise = rng.gumbel(size=int(group.max()) + 1 if len(group) else 0)[group]
+    levels, level_of = np.unique(scores, return_inverse=True)
+    noise = rng.gumbel(size=len(levels))[level_of]
     utility = scores + noise_scale * noise
     return (utility[None, :] > utility[:, None]).sum(axis=1).astype(np.int32)
 
@@ -74,16 +69,14 @@ def pairwise_agreement(ranks_a: np.ndarray, ranks_b: np.ndarray) -> tuple[int, i
 
 
 def inter_labeler_agreement(score_groups: Sequence[Sequence[float]],
-                            response_groups: Sequence[Sequence[str]],
                             rng: np.random.Generator, noise_scale: float) -> float:
     """Simulated agreement of two independent labelers over several prompts,
-    each given as the gold scores and strings of its K responses (K may vary).
-    Used by the tests on corpus samples and by the pipeline on the SFT
-    policy's own samples."""
+    each given as the gold scores of its K responses (K may vary). Used by
+    the tests on corpus samples and by the pipeline on its own samples."""
     agree = total = 0
-    for scores, responses in zip(score_groups, response_groups):
-        a = rank(scores, rng, noise_scale, responses)
-        b = rank(scores, rng, noise_scale, responses)
+    for scores in score_groups:
+        a = rank(scores, rng, noise_scale)
+        b = rank(scores, rng, noise_scale)
         n_agree, n_pairs = pairwise_agreement(a, b)
         agree += n_agree
         total += n_pairs
@@ -92,42 +85,45 @@ def inter_labeler_agreement(score_groups: Sequence[Sequence[float]],
 
 def expected_agreement(score_diffs: np.ndarray, noise_scale: float) -> float:
     """Exact expected agreement of two independent labelers over pairs of
-    distinct responses with gold score differences `score_diffs`.
+    responses with (non-zero) gold score differences `score_diffs`.
 
     Each labeler prefers the better of a pair with p = sigmoid(|d| / scale)
     (the difference of two Gumbels is logistic); two independent labelers
-    agree with probability p^2 + (1 - p)^2. Distinct responses tie with
-    probability zero, so every pair counts.
+    agree with probability p^2 + (1 - p)^2. Pairs of equal gold score tie for
+    every labeler and count in no agreement, so they must not be passed.
     """
     d = np.abs(np.asarray(score_diffs, dtype=np.float64))
+    if np.any(d == 0):
+        raise ValueError("pairs of equal gold score tie and have no agreement; leave them out")
     if noise_scale <= 0:
-        return float(np.mean(np.where(d > 0, 1.0, 0.5)))
+        return 1.0
     p = 1.0 / (1.0 + np.exp(-d / noise_scale))
     return float(np.mean(p * p + (1.0 - p) * (1.0 - p)))
 
 
 def calibration_score_diffs(seed: int = 0, n_pairs: int = N_CALIBRATION_PAIRS) -> np.ndarray:
-    """Gold score differences of pairs of distinct corpus responses to the same
-    prompt (uniform categories, training words). Identical pairs are dropped:
-    they tie for every labeler and count in no agreement statistic."""
+    """Gold score differences of pairs of corpus responses to the same prompt
+    (uniform categories, training words) that differ in gold score. Pairs of
+    equal score are dropped: they tie for every labeler and count in no
+    agreement statistic."""
     rng = np.random.default_rng([seed, 73])
     diffs = []
     for _ in range(n_pairs):
         task = sample_task(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))], "train")
         first, second = corpus_response(task, rng), corpus_response(task, rng)
-        if first != second:
-            diffs.append(score_task(task, first) - score_task(task, second))
+        d = score_task(task, first) - score_task(task, second)
+        if d != 0:
+            diffs.append(d)
     return np.asarray(diffs)
 
 
 @functools.lru_cache(maxsize=None)
 def calibrate_noise_scale(seed: int = 0, target: float = TARGET_AGREEMENT) -> float:
     """The Gumbel scale at which two labelers agree on `target` of the pairs of
-    corpus responses.
+    corpus responses that they order (those of different gold scores).
 
-    Expected agreement falls monotonically from its noiseless maximum (pairs of
-    distinct responses with equal gold scores are coin flips even then) to 0.5
-    as the scale grows, so bisection on log(scale) finds the unique solution.
+    Expected agreement falls monotonically from 1 (no noise) to 0.5 as the
+    scale grows, so bisection on log(scale) finds the unique solution.
     The expectation is computed exactly per pair, so the only error is the
     sampling of pairs (standard error ~0.002 in agreement).
     """

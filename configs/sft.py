@@ -1,7 +1,7 @@
 """Supervised fine-tuning on demonstrations (InstructGPT step 1).
 
     python -m rlhf_jax.main --config configs/sft.py --workdir workdirs/sft --config.init_from=workdirs/pretrain
-    python -m rlhf_jax.main --config configs/sft.py:tiny --workdir /tmp/sft --config.data.path=demos.jsonl
+    python -m rlhf_jax.main --config configs/sft.py:tiny --workdir workdirs/sft --config.data.path=demos.jsonl
 
 Records `{"prompt", "response"}`; the loss covers the response tokens and EOS
 only. Without `init_from` the model starts from random weights.

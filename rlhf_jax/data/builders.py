@@ -106,7 +106,8 @@ class JsonlRecords(tfds.core.GeneratorBasedBuilder):
 
 
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on `path` (created) for the block: one process builds at a time."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -138,7 +139,7 @@ def build_jsonl(path: str | os.PathLike, kind: str, data_dir: Optional[str] = No
     records, lines, n_dropped = jsonl.read_jsonl_with_lines(
         path, kind, drop_invalid, check, reasons)
     name = config_name(kind, file_digest(path), lines if n_dropped else None)
-    with _file_lock(os.path.join(data_dir, JsonlRecords.name, name + ".lock")):
+    with file_lock(os.path.join(data_dir, JsonlRecords.name, name + ".lock")):
         # Constructed under the lock: a builder looks for existing data when
         # it is created.
         builder = JsonlRecords(config=name, records=records, source_path=path,

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from rlhf_jax.data import builders
 from rlhf_jax.data.features import features
 from rlhf_jax.world import datasets as world
 
@@ -113,10 +114,18 @@ class InstructionWorld(tfds.core.GeneratorBasedBuilder):
 
 def prepare(config_name: str, data_dir: str | os.PathLike) -> InstructionWorld:
     """The builder of `instruction_world/<config_name>` in `data_dir`, built
-    (array_record) if it is not there yet."""
-    builder = InstructionWorld(config=config_name, data_dir=os.fspath(data_dir),
-                               file_format=FILE_FORMAT)
-    builder.download_and_prepare()
+    (array_record) if it is not there yet.
+
+    Under a file lock, as JSONL builds are: the processes of one
+    multi-process run (launch/local.sh on a fresh cache) otherwise build it
+    at once and all but one fail renaming into the finished directory.
+    """
+    data_dir = os.fspath(data_dir)
+    with builders.file_lock(os.path.join(data_dir, InstructionWorld.name, config_name + ".lock")):
+        # Constructed under the lock: a builder looks for existing data when
+        # it is created.
+        builder = InstructionWorld(config=config_name, data_dir=data_dir, file_format=FILE_FORMAT)
+        builder.download_and_prepare()
     return builder
 
 

@@ -139,12 +139,19 @@ def ppo_figures(ppo_workdirs: Mapping[str, str], out_dir: str) -> tuple[list[tup
     return figures, notes
 
 
+def _moving_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over `window` values centred on each (fewer at the ends)."""
+    h = window // 2
+    return np.array([x[max(0, i - h):i + h + 1].mean() for i in range(len(x))])
+
+
 def overoptimisation_curve(rows: Sequence[dict]) -> dict:
     """Gao et al. (2022)'s view of one PPO run, from its metrics.jsonl rows:
     per iteration sqrt(KL(policy || SFT)) of the rollouts (k1 per response,
     floored at 0), the RM's score and the gold score of the same rollouts,
-    and where to stop: the iteration whose gold score, averaged over
-    STOP_WINDOW iterations centred on it, is highest."""
+    each also as a moving mean over STOP_WINDOW iterations (one rollout
+    batch is a noisy estimate), and where to stop: the iteration whose
+    moving-mean gold score is highest."""
     rows = [r for r in sorted(rows, key=lambda r: r["step"])
             if "ppo/kl" in r and "ppo/score" in r and "ppo/gold_score" in r]
     steps = np.array([r["step"] for r in rows], np.int64)
@@ -154,29 +161,34 @@ def overoptimisation_curve(rows: Sequence[dict]) -> dict:
     out = {"step": steps, "sqrt_kl": sqrt_kl, "rm_score": rm, "gold_score": gold}
     if len(rows):
         w = min(STOP_WINDOW, len(rows))
-        smooth = np.array([gold[max(0, i - w // 2):i + w // 2 + 1].mean() for i in range(len(gold))])
-        best = int(np.argmax(smooth))
-        out.update(best_step=int(steps[best]), best_sqrt_kl=float(sqrt_kl[best]),
-                   best_gold=float(smooth[best]), final_gold=float(smooth[-1]))
+        out.update({f"smooth_{k}": _moving_mean(out[k], w)
+                    for k in ("sqrt_kl", "rm_score", "gold_score")})
+        best = int(np.argmax(out["smooth_gold_score"]))
+        out.update(best_step=int(steps[best]), best_sqrt_kl=float(out["smooth_sqrt_kl"][best]),
+                   best_gold=float(out["smooth_gold_score"][best]),
+                   final_gold=float(out["smooth_gold_score"][-1]))
     return out
 
 
 def overoptimisation_figure(curves: Mapping[str, dict], path: str):
-    """Gold and RM score of the rollouts against sqrt(KL to SFT), one line a run."""
+    """Gold and RM score of the rollouts against sqrt(KL to SFT), one line a
+    run (moving means; each iteration's values as faint dots)."""
     fig = Figure(figsize=(10, 3.6))
     gold_ax, rm_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for name, c in curves.items():
-        line, = gold_ax.plot(c["sqrt_kl"], c["gold_score"], label=name, marker=".")
-        rm_ax.plot(c["sqrt_kl"], c["rm_score"], label=name, marker=".", color=line.get_color())
-        if "best_step" in c:
-            gold_ax.axvline(c["best_sqrt_kl"], color=line.get_color(), ls=":", alpha=0.7)
+        line, = gold_ax.plot(c["smooth_sqrt_kl"], c["smooth_gold_score"], label=name)
+        color = line.get_color()
+        gold_ax.scatter(c["sqrt_kl"], c["gold_score"], s=6, alpha=0.3, color=color)
+        rm_ax.plot(c["smooth_sqrt_kl"], c["smooth_rm_score"], label=name, color=color)
+        rm_ax.scatter(c["sqrt_kl"], c["rm_score"], s=6, alpha=0.3, color=color)
+        gold_ax.axvline(c["best_sqrt_kl"], color=color, ls=":", alpha=0.7)
     for ax, what in ((gold_ax, "gold score"), (rm_ax, "reward model score")):
         ax.set_xlabel("sqrt(KL(policy ‖ SFT)) per response, nats^½")
         ax.set_ylabel(what + " of the rollouts")
         ax.grid(alpha=0.3)
         ax.legend()
     gold_ax.set_title("Gold (true) reward: where to stop (dotted)")
-    rm_ax.set_title("RM (proxy) reward")
+    rm_ax.set_title(f"RM (proxy) reward; lines: means over {STOP_WINDOW} iterations")
     _save(fig, path)
 
 
@@ -282,7 +294,9 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
                       "rollouts (temperature-1 samples), against the square root of their KL to "
                       "SFT. Where the gold curve turns down while the RM's still rises, PPO is "
                       f"exploiting the RM: stop there. \"Best\" is the iteration whose gold "
-                      f"score, averaged over {STOP_WINDOW} iterations, is highest.", ""]
+                      f"score, averaged over {STOP_WINDOW} iterations, is highest (and the "
+                      f"sqrt(KL) there the same average). These are the PPO prompts' rollouts "
+                      f"(training words), not the held-out evaluation.", ""]
             lines += _table(["run", "best iteration", "sqrt(KL) there", "gold there",
                              "gold at the end", "iterations"],
                             [[f"`{n}`", str(c["best_step"]), _fmt(c["best_sqrt_kl"]),

@@ -270,7 +270,7 @@ def test_report_references_existing_pngs(evaluated):
         assert f"### `{name}`" in text
     assert "18 held-out evaluation prompts" in text and "| harmful |" in text
     # The fixture's PPO gold score rises every iteration: stop at the end.
-    assert "## Over-optimisation" in text and "| `ppo_ptx` | 5 | 0.316 | -0.200 | -0.200 | 5 |" in text
+    assert "## Over-optimisation" in text and "| `ppo_ptx` | 5 | 0.281 | -0.200 | -0.200 | 5 |" in text
 
 
 def test_overoptimisation_curve_finds_where_gold_turns_down():

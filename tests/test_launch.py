@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from helpers import ROOT, world_demos
+from helpers import ROOT, reward_model_from, world_demos
 from rlhf_jax.metrics import read_metrics
 
 MICRO = ["--config.model.hidden=32", "--config.model.layers=1", "--config.model.heads=2",
@@ -72,7 +72,8 @@ def test_two_processes_equal_one_process_ppo(tmp_path):
         f"--config.data.path={demos}", f"--config.data.data_dir={tmp_path / 'tfds'}",
         "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.eval_every=4",
         "--config.train.eval_batches=1", "--config.train.checkpoint_every=4"])
-    overrides = [f"--config.init_from={sft}", f"--config.reward_from={sft}",
+    rm = reward_model_from(sft, str(tmp_path / "rm"))
+    overrides = [f"--config.init_from={sft}", f"--config.reward_from={rm}",
                  f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=3",
                  "--config.train.batch_size=8", "--config.ppo.max_new_tokens=8",
                  "--config.ppo.ptx_batch_size=4", "--config.ppo.ptx_coef=0.5",

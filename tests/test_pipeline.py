@@ -36,8 +36,19 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
         assert os.path.exists(os.path.join(workdir, png)), png
     timings = json.load(open(os.path.join(workdir, "pipeline.json")))["seconds"]
     assert set(timings) == {"pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "evaluate"}
-    # PPO read the bias-normalised RM and the collect step's comparisons.
+    # PPO read the bias-normalised RM and the collect step's comparisons,
+    # drawn from the SFT policy and the pipeline's own (pretrained) base.
     assert os.path.exists(os.path.join(workdir, "collect", "comparisons.jsonl"))
+    collected = json.load(open(os.path.join(workdir, "collect", "collect.json")))
+    paths = {p["name"]: p["path"] for p in collected["settings"]["policies"]}
+    assert paths == {"sft": os.path.join(workdir, "sft", "checkpoints"),
+                     "base": os.path.join(workdir, "pretrain", "checkpoints")}, paths
+    rm_rows = [json.loads(line) for line in open(os.path.join(workdir, "rm", "metrics.jsonl"))]
+    if collected["eval_sft_records"]:     # the SFT samples of 16 prompts may all tie
+        assert any("rm/gold_accuracy_sft" in r for r in rm_rows)
+    assert any("rm/gold_accuracy" in r for r in rm_rows)
+    for name in ("sft", "ppo", "ppo_ptx"):
+        assert "gold_score_sampled" in policies[name]
 
     capsys.readouterr()
     trainers.run(cfg, workdir)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, assert_trees_equal, load_config, world_demos
+from helpers import ROOT, assert_trees_equal, load_config, reward_model_from, world_demos
 from rlhf_jax import checkpoint, errors
 from rlhf_jax.metrics import read_metrics
 
@@ -476,7 +476,7 @@ def test_invalid_configs_fail_in_one_line_before_compiling(cli, tmp_path):
                               ["init_from", "no such directory", "nowhere"]),
         "init_from_empty": (sft + [f"--config.init_from={empty}"], {},
                             ["init_from", "no finished checkpoint"]),
-        "ppo_lengths": (ppo + [f"--config.reward_from={cli.reference}",
+        "ppo_lengths": (ppo + [f"--config.reward_from={reward_model_from(cli.reference, str(tmp_path / 'rm'))}",
                                "--config.data.max_prompt_len=100", "--config.ppo.max_new_tokens=40"],
                         {}, ["data.max_prompt_len + ppo.max_new_tokens = 140", "context 128"]),
         "reward_from_empty": (ppo + [f"--config.reward_from={empty}"], {},

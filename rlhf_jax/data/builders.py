@@ -24,11 +24,14 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
+import sys
 from typing import Iterator, Optional
 
 import tensorflow_datasets as tfds
 
+from rlhf_jax import console
 from rlhf_jax.data import jsonl
 from rlhf_jax.data.features import KINDS, features
 
@@ -105,6 +108,28 @@ class JsonlRecords(tfds.core.GeneratorBasedBuilder):
             yield i, record
 
 
+def prepare_locally(builder: tfds.core.DatasetBuilder, source: str = "", **kwargs):
+    """`builder.download_and_prepare(**kwargs)` saying so in one line,
+    `[data] built NAME locally ...`, instead of TFDS's "Downloading and
+    preparing dataset Unknown size ..." and its progress bars (which come
+    back with `--verbose`, console.py). Nothing is said when it is already
+    built."""
+    if builder.is_prepared():
+        return
+    quiet = not console.verbose()
+    tfds.display_progress_bar(not quiet)
+    printed = io.StringIO()         # TFDS prints its two announcements to stdout
+    try:
+        with contextlib.redirect_stdout(printed) if quiet else contextlib.nullcontext():
+            builder.download_and_prepare(**kwargs)
+    except BaseException:
+        sys.stdout.write(printed.getvalue())
+        raise
+    splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
+    console.say(f"[data] built {builder.name}/{builder.builder_config.name} locally"
+                f"{' from ' + source if source else ''}: {splits} records in {builder.data_dir}")
+
+
 @contextlib.contextmanager
 def _file_lock(path: str) -> Iterator[None]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -143,8 +168,6 @@ def build_jsonl(path: str | os.PathLike, kind: str, data_dir: Optional[str] = No
         # it is created.
         builder = JsonlRecords(config=name, records=records, source_path=path,
                                data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(
-                download_dir=os.path.join(data_dir, "downloads"))
+        prepare_locally(builder, path, download_dir=os.path.join(data_dir, "downloads"))
     builder._records = None  # written; do not hold them in memory
     return builder, n_dropped, reasons

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from rlhf_jax.data import builders
 from rlhf_jax.data.features import features
 from rlhf_jax.world import datasets as world
 
@@ -116,7 +117,7 @@ def prepare(config_name: str, data_dir: str | os.PathLike) -> InstructionWorld:
     (array_record) if it is not there yet."""
     builder = InstructionWorld(config=config_name, data_dir=os.fspath(data_dir),
                                file_format=FILE_FORMAT)
-    builder.download_and_prepare()
+    builders.prepare_locally(builder)
     return builder
 
 

@@ -2,16 +2,26 @@
 
 `metrics.jsonl` holds one JSON object a line: `stage`, `step`, `time` (unix
 seconds) and float metrics. Only process 0 writes.
+
+The console gets one tqdm bar per stage: steps done, steps/s, ETA, and the
+stage's progress keys (a `*_per_s` key as a rate, `tokens/s=22.9k`). On a
+terminal it redraws in place; written to a file or a pipe it is drawn at
+most every `_FILE_INTERVAL_S` seconds and when the stage ends, so a log
+holds a few lines per stage, not one per step. `RLHF_JAX_NO_PROGRESS=1`
+turns the bars off (CI).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
+
+_FILE_INTERVAL_S = 30.0
 
 
 def _to_float(v):
@@ -35,14 +45,16 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
         except ImportError:  # TensorBoard events are optional; metrics.jsonl is not.
             self._tb = None
-        if progress and total_steps:
+        if progress and total_steps and os.environ.get("RLHF_JAX_NO_PROGRESS") != "1":
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, desc=stage, dynamic_ncols=True,
-                             disable=os.environ.get("RLHF_JAX_NO_PROGRESS") == "1")
+            tty = sys.stderr.isatty()
+            self._bar = tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True,
+                             mininterval=0.1 if tty else _FILE_INTERVAL_S)
 
     def start_at(self, step: int):
+        """A resumed stage: its bar starts at `step`, its rate counts this run's steps only."""
         if self._bar is not None:
-            self._bar.n = step
+            self._bar.n = self._bar.initial = self._bar.last_print_n = step
             self._bar.refresh()
 
     def write(self, step: int, metrics: Mapping, progress_keys: tuple = ()):
@@ -61,9 +73,9 @@ class MetricsWriter:
                 if k not in ("stage", "step", "time"):
                     self._tb.add_scalar(k, v, step)
         if self._bar is not None:
-            self._bar.n = int(step)
-            shown = {k.split("/")[-1]: f"{row[k]:.4g}" for k in progress_keys if k in row}
-            self._bar.set_postfix(shown, refresh=True)
+            self._bar.set_postfix({_short(k): _format(k, row[k]) for k in progress_keys if k in row},
+                                  refresh=False)
+            self._bar.update(int(step) - self._bar.n)   # redraws when mininterval has passed
 
     def log(self, message: str):
         if self.enabled:
@@ -77,6 +89,17 @@ class MetricsWriter:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _short(key: str) -> str:
+    return key.split("/")[-1].replace("_per_s", "/s")
+
+
+def _format(key: str, value: float) -> str:
+    if key.endswith("_per_s"):
+        from tqdm import tqdm
+        return tqdm.format_sizeof(value)
+    return f"{value:.4g}"
 
 
 def read_metrics(workdir: str, stage: Optional[str] = None) -> list[dict]:

@@ -5,13 +5,14 @@ seconds) and float metrics. Only process 0 writes.
 
 The console gets one tqdm bar per stage: steps done, steps/s, ETA, and the
 stage's progress keys (a `*_per_s` key as a rate, `tokens/s=22.9k`). On a
-terminal it redraws in place; written to a file or a pipe it is drawn at
-most every `_FILE_INTERVAL_S` seconds and when the stage ends, so a log
-holds a few lines per stage, not one per step. `RLHF_JAX_NO_PROGRESS=1`
-turns the bars off (CI).
+terminal it redraws in place; written to a file or a pipe it is a whole
+line every `_FILE_INTERVAL_S` seconds and one when the stage ends, so a log
+holds a line or two per stage, not redraws. `RLHF_JAX_NO_PROGRESS=1` turns
+the bars off (CI).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-_FILE_INTERVAL_S = 30.0
+_FILE_INTERVAL_S = 60.0
 
 
 def _to_float(v):
@@ -37,6 +38,8 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self._bar = None
+        self._tty = sys.stderr.isatty()
+        self._last_line = time.time()
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -47,9 +50,10 @@ class MetricsWriter:
             self._tb = None
         if progress and total_steps and os.environ.get("RLHF_JAX_NO_PROGRESS") != "1":
             from tqdm import tqdm
-            tty = sys.stderr.isatty()
+            # Not on a terminal the bar draws into nothing; `_line` prints its state.
             self._bar = tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True,
-                             mininterval=0.1 if tty else _FILE_INTERVAL_S)
+                             file=None if self._tty else io.StringIO(),
+                             mininterval=0.1 if self._tty else _FILE_INTERVAL_S)
 
     def start_at(self, step: int):
         """A resumed stage: its bar starts at `step`, its rate counts this run's steps only."""
@@ -76,16 +80,24 @@ class MetricsWriter:
             self._bar.set_postfix({_short(k): _format(k, row[k]) for k in progress_keys if k in row},
                                   refresh=False)
             self._bar.update(int(step) - self._bar.n)   # redraws when mininterval has passed
+            if not self._tty and time.time() - self._last_line >= _FILE_INTERVAL_S:
+                self._line()
+
+    def _line(self):
+        print(self._bar, file=sys.stderr, flush=True)
+        self._last_line = time.time()
 
     def log(self, message: str):
         if self.enabled:
-            if self._bar is not None:
+            if self._bar is not None and self._tty:
                 self._bar.write(message)
             else:
                 print(message, flush=True)
 
     def close(self):
         if self._bar is not None:
+            if not self._tty:
+                self._line()
             self._bar.close()
         if self._tb is not None:
             self._tb.close()

@@ -24,9 +24,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import io
 import os
-import sys
 from typing import Iterator, Optional
 
 import tensorflow_datasets as tfds
@@ -68,7 +66,21 @@ def config_name(kind: str, digest: str, kept_lines: Optional[list[int]] = None) 
     return f"{kind}-{h.hexdigest()[:20]}"
 
 
-class JsonlRecords(tfds.core.GeneratorBasedBuilder):
+class QuietBuild:
+    """A TFDS builder mixin: TFDS announces a build in two stdout lines
+    ("Downloading and preparing dataset Unknown size ..." and "... downloaded
+    and prepared"), kept for `--verbose`; `prepare_locally` says it in one."""
+
+    def _log_download_bytes(self):
+        if console.verbose():
+            super()._log_download_bytes()
+
+    def _log_download_done(self):
+        if console.verbose():
+            super()._log_download_done()
+
+
+class JsonlRecords(QuietBuild, tfds.core.GeneratorBasedBuilder):
     """Records of one JSONL file; the config name `<kind>-<digest>` identifies it.
 
     Construct with `records` (normalised, from `jsonl.read_jsonl`) to prepare
@@ -109,22 +121,13 @@ class JsonlRecords(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare_locally(builder: tfds.core.DatasetBuilder, source: str = "", **kwargs):
-    """`builder.download_and_prepare(**kwargs)` saying so in one line,
-    `[data] built NAME locally ...`, instead of TFDS's "Downloading and
-    preparing dataset Unknown size ..." and its progress bars (which come
-    back with `--verbose`, console.py). Nothing is said when it is already
-    built."""
+    """`builder.download_and_prepare(**kwargs)` (a `QuietBuild`) saying so in
+    one line, `[data] built NAME locally ...`, without TFDS's progress bars
+    unless `--verbose`. Nothing is said when it is already built."""
     if builder.is_prepared():
         return
-    quiet = not console.verbose()
-    tfds.display_progress_bar(not quiet)
-    printed = io.StringIO()         # TFDS prints its two announcements to stdout
-    try:
-        with contextlib.redirect_stdout(printed) if quiet else contextlib.nullcontext():
-            builder.download_and_prepare(**kwargs)
-    except BaseException:
-        sys.stdout.write(printed.getvalue())
-        raise
+    tfds.display_progress_bar(console.verbose())
+    builder.download_and_prepare(**kwargs)
     splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
     console.say(f"[data] built {builder.name}/{builder.builder_config.name} locally"
                 f"{' from ' + source if source else ''}: {splits} records in {builder.data_dir}")

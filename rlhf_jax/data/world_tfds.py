@@ -79,7 +79,7 @@ def _configs() -> list[WorldConfig]:
     return configs
 
 
-class InstructionWorld(tfds.core.GeneratorBasedBuilder):
+class InstructionWorld(builders.QuietBuild, tfds.core.GeneratorBasedBuilder):
     """The instruction world (WORLD.md): corpus, demonstrations and prompts."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -77,8 +77,9 @@ class MetricsWriter:
                 if k not in ("stage", "step", "time"):
                     self._tb.add_scalar(k, v, step)
         if self._bar is not None:
-            self._bar.set_postfix({_short(k): _format(k, row[k]) for k in progress_keys if k in row},
-                                  refresh=False)
+            if progress_keys:    # an eval or finalize row keeps the training postfix
+                self._bar.set_postfix({_short(k): _format(k, row[k]) for k in progress_keys
+                                       if k in row}, refresh=False)
             self._bar.update(int(step) - self._bar.n)   # redraws when mininterval has passed
             if not self._tty and time.time() - self._last_line >= _FILE_INTERVAL_S:
                 self._line()

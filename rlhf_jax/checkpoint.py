@@ -63,6 +63,11 @@ class Checkpointer:
         self.manager.close()
 
 
+def _read_only() -> ocp.CheckpointManagerOptions:
+    # With what read_only implies spelled out: Orbax warns of each option it has to change.
+    return ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+
+
 def resolve(path: str) -> tuple[str, int]:
     """(checkpoint directory, step) for an `init_from` path: a stage workdir
     (latest step of its checkpoints/), a checkpoints directory (latest step),
@@ -74,7 +79,7 @@ def resolve(path: str) -> tuple[str, int]:
         path = os.path.join(path, CHECKPOINTS)
     if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
         return os.path.dirname(path), int(os.path.basename(path))
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = ocp.CheckpointManager(path, options=_read_only())
     step = mngr.latest_step()
     mngr.close()
     if step is None:
@@ -92,7 +97,7 @@ def has_checkpoint(path: str) -> bool:
 
 def read_meta(path: str) -> dict:
     directory, step = resolve(path)
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = ocp.CheckpointManager(directory, options=_read_only())
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     mngr.close()
     return meta
@@ -132,7 +137,7 @@ def export_params(path: str, dest: str) -> int:
 def load_params(path: str, params_like):
     """Params only, from another stage's checkpoint, into `params_like`'s shardings."""
     directory, step = resolve(path)
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = ocp.CheckpointManager(directory, options=_read_only())
     r = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like))))
     mngr.close()

@@ -26,6 +26,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logging (absl: Orbax, "
+                             "TFDS, JAX) and TFDS's build output; by default only warnings, once.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,10 +53,13 @@ def _parse_flags(argv):
 
 def main(argv):
     del argv
-    from rlhf_jax import distributed, errors
-    from rlhf_jax import trainers
+    from rlhf_jax import console
+    console.configure(_VERBOSE.value)       # before anything logs
+    import jax
+    from rlhf_jax import distributed, errors, trainers
 
     distributed.initialize()
+    console.configure(_VERBOSE.value, primary=jax.process_index() == 0)
     with errors.reported():
         trainers.run(_CONFIG.value, os.path.abspath(_WORKDIR.value))
 

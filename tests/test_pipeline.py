@@ -1,5 +1,5 @@
 """The whole InstructGPT pipeline (configs/instructgpt.py:tiny) end to end,
-and its resume: a rerun skips every finished stage."""
+its closing table, and its resume: a rerun skips every finished stage."""
 import json
 import os
 import re
@@ -22,6 +22,7 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     cfg.ppo.train.steps = 2
     workdir = str(tmp_path / "igpt")
     trainers.run(cfg, workdir)
+    first_out = capsys.readouterr().out
 
     with open(os.path.join(workdir, "eval.json")) as f:
         ev = json.load(f)
@@ -50,7 +51,12 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     for name in ("sft", "ppo", "ppo_ptx"):
         assert "gold_score_sampled" in policies[name]
 
-    capsys.readouterr()
+    # The run ends with the evaluation table, a row per policy, and report.md's path.
+    tail = first_out.splitlines()[-(len(policies) + 2):]
+    assert tail[0].split()[:3] == ["policy", "gold", "win"], first_out
+    assert [row.split()[0] for row in tail[1:-1]] == list(policies)
+    assert tail[-1] == f"report: {os.path.join(workdir, 'report.md')}"
+
     trainers.run(cfg, workdir)
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 7, out

@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import tensorflow_datasets as tfds
 
+from rlhf_jax import console
 from rlhf_jax.data import jsonl
 from rlhf_jax.data.features import KINDS, features
 
@@ -65,7 +66,21 @@ def config_name(kind: str, digest: str, kept_lines: Optional[list[int]] = None) 
     return f"{kind}-{h.hexdigest()[:20]}"
 
 
-class JsonlRecords(tfds.core.GeneratorBasedBuilder):
+class QuietBuild:
+    """A TFDS builder mixin: TFDS announces a build in two stdout lines
+    ("Downloading and preparing dataset Unknown size ..." and "... downloaded
+    and prepared"), kept for `--verbose`; `prepare_locally` says it in one."""
+
+    def _log_download_bytes(self):
+        if console.verbose():
+            super()._log_download_bytes()
+
+    def _log_download_done(self):
+        if console.verbose():
+            super()._log_download_done()
+
+
+class JsonlRecords(QuietBuild, tfds.core.GeneratorBasedBuilder):
     """Records of one JSONL file; the config name `<kind>-<digest>` identifies it.
 
     Construct with `records` (normalised, from `jsonl.read_jsonl`) to prepare
@@ -103,6 +118,19 @@ class JsonlRecords(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, records):
         for i, record in enumerate(records):
             yield i, record
+
+
+def prepare_locally(builder: tfds.core.DatasetBuilder, source: str = "", **kwargs):
+    """`builder.download_and_prepare(**kwargs)` (a `QuietBuild`) saying so in
+    one line, `[data] built NAME locally ...`, without TFDS's progress bars
+    unless `--verbose`. Nothing is said when it is already built."""
+    if builder.is_prepared():
+        return
+    tfds.display_progress_bar(console.verbose())
+    builder.download_and_prepare(**kwargs)
+    splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
+    console.say(f"[data] built {builder.name}/{builder.builder_config.name} locally"
+                f"{' from ' + source if source else ''}: {splits} records in {builder.data_dir}")
 
 
 @contextlib.contextmanager
@@ -144,8 +172,6 @@ def build_jsonl(path: str | os.PathLike, kind: str, data_dir: Optional[str] = No
         # it is created.
         builder = JsonlRecords(config=name, records=records, source_path=path,
                                data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(
-                download_dir=os.path.join(data_dir, "downloads"))
+        prepare_locally(builder, path, download_dir=os.path.join(data_dir, "downloads"))
     builder._records = None  # written; do not hold them in memory
     return builder, n_dropped, reasons

@@ -79,7 +79,7 @@ def _configs() -> list[WorldConfig]:
     return configs
 
 
-class InstructionWorld(tfds.core.GeneratorBasedBuilder):
+class InstructionWorld(builders.QuietBuild, tfds.core.GeneratorBasedBuilder):
     """The instruction world (WORLD.md): corpus, demonstrations and prompts."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -125,7 +125,7 @@ def prepare(config_name: str, data_dir: str | os.PathLike) -> InstructionWorld:
         # Constructed under the lock: a builder looks for existing data when
         # it is created.
         builder = InstructionWorld(config=config_name, data_dir=data_dir, file_format=FILE_FORMAT)
-        builder.download_and_prepare()
+        builders.prepare_locally(builder)
     return builder
 
 

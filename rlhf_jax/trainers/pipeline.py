@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from rlhf_jax import trainers
+from rlhf_jax import console, trainers
 from rlhf_jax.trainers.common import override
 
 
@@ -106,8 +106,18 @@ def run(config, workdir: str):
     overrides.update({f"ppo_workdirs.{k}": v for k, v in ppo_runs.items()})
     overrides["report.notes"] = _notes(config, timings)
     run_stage("evaluate", _stage_config(config, "evaluate", **overrides), stage_dir=workdir)
-    total = sum(timings.values())
-    _say(f"[pipeline] finished in {total:.0f} s; report: {os.path.join(workdir, 'report.md')}")
+    _say(f"[pipeline] finished in {sum(timings.values()):.0f} s")
+    print_results(workdir)
+
+
+def print_results(workdir: str):
+    """The evaluation table (eval.json of `workdir`) and where report.md is."""
+    if jax.process_index() != 0:      # only process 0 wrote eval.json
+        return
+    with open(os.path.join(workdir, "eval.json")) as f:
+        for line in console.eval_table(json.load(f)):
+            _say(line)
+    _say(f"report: {os.path.join(workdir, 'report.md')}")
 
 
 def _notes(config, timings) -> str:
@@ -134,6 +144,4 @@ def _epochs(train) -> str:
     return f"{float(train.epochs):g} epoch" + ("" if float(train.epochs) == 1 else "s")
 
 
-def _say(msg: str):
-    if jax.process_index() == 0:
-        print(msg, flush=True)
+_say = console.say

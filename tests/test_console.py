@@ -70,7 +70,8 @@ def test_warnings_shown_once_and_expected_ones_dropped():
 
 
 EVAL_JSON = {"reference": "sft", "policies": {
-    "sft": {"gold_score": -0.3191, "win_rate_vs_sft": 0.5, "refusal_rate": 0.0625,
+    "sft": {"gold_score": -0.3191, "win_rate_vs_sft": 0.5, "gold_score_sampled": 0.125,
+            "refusal_rate": 0.0625,
             "over_refusal_rate": 0.0, "kl_vs_sft": 0.0, "pretrain_loss": 3.5941},
     "ppo_ptx": {"gold_score": 0.25, "win_rate_vs_sft": 0.61, "refusal_rate": 0.125,
                 "over_refusal_rate": None, "kl_vs_sft": 1.2345, "pretrain_loss": float("nan")},
@@ -79,11 +80,11 @@ EVAL_JSON = {"reference": "sft", "policies": {
 
 def test_eval_table_has_every_policy_and_column():
     header, *rows = console.eval_table(EVAL_JSON)
-    assert header.split() == ["policy", "gold", "win", "vs", "sft", "refusal", "over-refusal",
-                              "KL", "LM", "loss"]
+    assert header.split() == ["policy", "gold", "win", "vs", "sft", "gold", "(T=1)", "refusal",
+                              "over-refusal", "KL", "LM", "loss"]
     assert [r.split() for r in rows] == [
-        ["sft", "-0.319", "0.500", "0.062", "0.000", "0.000", "3.594"],
-        ["ppo_ptx", "0.250", "0.610", "0.125", "-", "1.234", "-"]]
+        ["sft", "-0.319", "0.500", "0.125", "0.062", "0.000", "0.000", "3.594"],
+        ["ppo_ptx", "0.250", "0.610", "-", "0.125", "-", "1.234", "-"]]
     assert len({len(line) for line in [header, *rows]}) == 1    # fixed width
 
 

@@ -235,7 +235,9 @@ def create_train_state(runtime: Runtime, model: Transformer, optimizer, seed: in
     if params is not None:
         fresh = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s),
                                        graft_params(fresh, params), shardings)
-    opt_state = jax.jit(optimizer.init)(fresh)
+    opt_state = jax.jit(optimizer.init,
+                        out_shardings=optimizer_shardings(optimizer, fresh, shardings,
+                                                          runtime.replicated()))(fresh)
     state = TrainState(step=jnp.int32(0), params=fresh, opt_state=opt_state, rng=state_rng,
                        nonfinite=jnp.int32(0))
     return state, jax.tree_util.tree_map(lambda x: x.sharding, state)

@@ -505,10 +505,11 @@ def _main(argv):
     with errors.reported():
         try:
             topo = topology(_TOPOLOGY.value)
-        except ValueError as e:
+            devices = topology_devices(topo)
+        except (ValueError, RuntimeError) as e:     # unknown slice; no libtpu
             sys.stderr.write(f"rlhf_jax.aot: error: {e}\n")
             sys.exit(2)
-        records = run(_CONFIG.value, topo, layers=_LAYERS.value,
+        records = run(_CONFIG.value, topo, devices, layers=_LAYERS.value,
                       only=tuple(s for s in _STEPS.value.split(",") if s))
         print(format_report(records), flush=True)
         if _JSON.value:

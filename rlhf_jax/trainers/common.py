@@ -217,7 +217,8 @@ def optimizer_shardings(optimizer, params, param_shardings, replicated):
     Without them XLA may place the moments anywhere, since zeros depend on no
     parameter's data: `jax.jit(optimizer.init)` replicated them on every
     device, three times a model's f32 size per chip under FSDP (found by
-    rlhf_jax.aot: Llama-3-8B's SFT step needed 93 GiB per v5p chip, 34 with this)."""
+    rlhf_jax.aot: Llama-3-8B's SFT step on 64 v5p chips needed 92.8 GiB per chip,
+    about 6.3 with this; BENCHMARKS.md)."""
     shapes = jax.eval_shape(optimizer.init, params)
     return optax.tree_map_params(optimizer, lambda _, s: s, shapes, param_shardings,
                                  transform_non_params=lambda _: replicated)

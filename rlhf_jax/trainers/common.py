@@ -218,7 +218,7 @@ def optimizer_shardings(optimizer, params, param_shardings, replicated):
     parameter's data: `jax.jit(optimizer.init)` replicated them on every
     device, three times a model's f32 size per chip under FSDP (found by
     rlhf_jax.aot: Llama-3-8B's SFT step on 64 v5p chips needed 92.8 GiB per chip,
-    about 6.3 with this; BENCHMARKS.md)."""
+    9.1 with this; BENCHMARKS.md)."""
     shapes = jax.eval_shape(optimizer.init, params)
     return optax.tree_map_params(optimizer, lambda _, s: s, shapes, param_shardings,
                                  transform_non_params=lambda _: replicated)

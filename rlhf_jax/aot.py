@@ -1,0 +1,542 @@
+"""Will it fit on the pod? Ahead-of-time compiles of a stage's jitted steps for
+a TPU topology, from a CPU host (libtpu installed: `pip install -e '.[tpu]'`).
+
+    python -m rlhf_jax.aot --config configs/sft.py --topology v5p-128 \
+        --config.model.preset=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=-1 \
+        --config.model.matmul=bf16 --config.model.activations=bfloat16 --config.model.remat=True
+    python -m rlhf_jax.aot --config configs/ppo.py --topology v5e-256 ... --json out.jsonl
+    python -m rlhf_jax.aot --table_from out.jsonl     # README's markdown table
+
+Each jitted step of the stage (SFT/pretrain/RM: `train_step`; PPO: `sample`,
+`score`, `update`) is lowered with abstract, sharded arguments
+(`jax.ShapeDtypeStruct`s on a mesh of the topology's compile-only devices;
+nothing is materialised: parameters come from `jax.eval_shape(init)`) and
+compiled by libtpu's compiler, the one a pod runs. Printed per chip, from the
+compiled memory analysis: arguments, outputs, aliased (donated) bytes,
+temporaries, generated code, and total = arguments + outputs - aliased +
+temporaries + code. A PPO step also counts what stays resident while it runs
+but is not its argument (`other`: e.g. the reference and reward models during
+`update`), so `peak = total + other` is what must fit in the chip's HBM.
+
+FLOPs per step are the model's matmul FLOPs counted from the shapes
+(`step_flops`, MaxText's convention: 2 per multiply-add, backward = 2x
+forward, rematerialisation not counted), because XLA's cost analysis counts
+the body of a while loop once (a 10-step `lax.scan` reports the FLOPs of one
+step; measured with libtpu 0.0.42.1), and every step here loops: over layers,
+decoded tokens and PPO minibatches.
+
+The mesh is built by `rlhf_jax.sharding.make_mesh` from the config's `mesh`
+block, as a real run builds it, and the logical rules are the config's.
+"""
+from __future__ import annotations
+
+import os
+
+# Before jax loads libtpu: no TPU metadata server here; the default backend
+# stays the CPU (the topology's devices are compile-only); and libtpu's
+# one-process-per-host lock is for a host that drives TPU chips, which a
+# compile-only process does not.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, NamedTuple, Optional  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+GiB = 2 ** 30
+
+
+# ---------------------------------------------------------------------------
+# Topologies
+# ---------------------------------------------------------------------------
+
+class Topology(NamedTuple):
+    """A TPU slice as `get_topology_desc` wants it, and its chips' HBM.
+
+    Names follow Cloud TPU's accelerator types: v4-N and v5p-N count
+    TensorCores (2 per chip, one megacore device each), v5e-N and v6e-N chips.
+    HBM per chip from Google's TPU pages (v4 32, v5e 16, v5p 95, v6e 32 GB),
+    compared here as GiB; the runtime keeps a little of it."""
+    name: str
+    topology_name: str      # "v5:4x4x4"
+    chip_config_name: str   # "megacore" | "default"
+    wrap: tuple             # torus wrap-around per dimension
+    hbm_gib: float
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(d) for d in self.topology_name.split(":")[1].split("x"))
+
+
+# Slice shapes as Cloud TPU (and MaxText's accelerator_to_spec_map.py) define them.
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8"}
+_FAMILIES = {  # family: (topology prefix, chip config, TensorCores per counted unit, HBM GiB)
+    "v4": ("v4", "megacore", 2, 32.0),
+    "v5p": ("v5", "megacore", 2, 95.0),
+    "v5e": ("v5e", "default", 1, 16.0),
+    "v6e": ("v6e", "default", 1, 32.0),
+}
+
+
+def topology(name: str) -> Topology:
+    """`v5p-128` -> Topology (64 chips, v5:4x4x4); a ValueError lists the known ones."""
+    family, _, count = name.partition("-")
+    if family not in _FAMILIES or not count.isdigit():
+        raise ValueError(f"--topology={name!r}: expected <family>-<count> with family one of "
+                         f"{', '.join(_FAMILIES)} (e.g. v5e-16, v5p-128)")
+    prefix, chip_config, per_chip, hbm = _FAMILIES[family]
+    chips = int(count) // per_chip
+    shapes = _SHAPES_3D if per_chip == 2 else _SHAPES_2D
+    if int(count) % per_chip or chips not in shapes:
+        known = ", ".join(f"{family}-{c * per_chip}" for c in shapes)
+        raise ValueError(f"--topology={name!r}: not a slice this tool knows ({known})")
+    shape = shapes[chips]
+    dims = [int(d) for d in shape.split("x")]
+    if per_chip == 2:   # 3D torus: wrap-around on full cubes (4x4x4 and up)
+        wrap = tuple(chips >= 64 for _ in dims)
+    else:               # 2D torus: a dimension of 16 wraps
+        wrap = tuple(d == 16 for d in dims) + (False,)
+    return Topology(name, f"{prefix}:{shape}", chip_config, wrap, hbm)
+
+
+def libtpu_version() -> Optional[str]:
+    """The installed libtpu's version, or None when it is not installed."""
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    from importlib import metadata
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def topology_devices(topo: Topology) -> list:
+    """The slice's compile-only TPU devices (libtpu required)."""
+    if libtpu_version() is None:
+        raise RuntimeError(
+            f"libtpu is not installed: `pip install -e '.[tpu]'` (libtpu 0.0.42.*, the one jax "
+            f"{jax.__version__} pins) to compile for {topo.name} on this host")
+    from jax.experimental.topologies import get_topology_desc
+    return get_topology_desc(platform="tpu", topology_name=topo.topology_name,
+                             chip_config_name=topo.chip_config_name,
+                             chips_per_host_bounds=(2, 2, 1) if topo.chips >= 4 else (1, 1, 1),
+                             num_slices=1, wrap=topo.wrap).devices
+
+
+# ---------------------------------------------------------------------------
+# Abstract, sharded arguments
+# ---------------------------------------------------------------------------
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the
+    largest shard: that device is the one to run out of memory)."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def _batch(mesh, dtype, *shape) -> jax.ShapeDtypeStruct:
+    from rlhf_jax import sharding
+    return _sds(shape, dtype, sharding.batch_sharding(mesh, len(shape)))
+
+
+def abstract_train_state(runtime, model, optimizer):
+    """A TrainState of sharded ShapeDtypeStructs, as `create_train_state`
+    makes it: params in their logical shardings, the optimizer state in
+    `common.optimizer_shardings`."""
+    from rlhf_jax.trainers import common
+    params, shardings = common._restore_target(model, runtime)
+    rep = runtime.replicated()
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_state = jax.tree_util.tree_map(
+        lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes,
+        common.optimizer_shardings(optimizer, params, shardings, rep))
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    return common.TrainState(step=_sds((), jnp.int32, rep), params=params, opt_state=opt_state,
+                             rng=_sds(key.shape, key.dtype, rep),
+                             nonfinite=_sds((), jnp.int32, rep))
+
+
+def _shardings(tree):
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+class Step(NamedTuple):
+    """One jitted step to compile: `jitted.lower(*args)`, the step's model
+    FLOPs, and the bytes resident on a device while it runs that are not its
+    arguments."""
+    name: str
+    jitted: Any
+    args: tuple
+    flops: float
+    other_bytes: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Model FLOPs (matmuls only; see the module docstring)
+# ---------------------------------------------------------------------------
+
+def forward_flops(cfg, rows: int, length: int, keys: int, head_positions: int) -> float:
+    """Matmul FLOPs of one forward pass over `rows` x `length` tokens attending
+    to `keys` key slots each (all of them are computed, masked or not), with
+    the head applied at `head_positions` positions per row."""
+    e, h, k, d, i = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.dim_per_head, cfg.intermediate
+    mlp = (3 if cfg.arch == "llama" else 2) * e * i
+    per_token = cfg.layers * (e * (h + 2 * k) * d + h * d * e + mlp + 2 * h * d * keys)
+    head = e * (cfg.vocab_size if cfg.head == "lm" else 1)
+    return 2.0 * rows * (length * per_token + head_positions * head)
+
+
+def train_flops(cfg, rows: int, length: int, head_positions: Optional[int] = None) -> float:
+    """Forward + backward (2x forward) FLOPs of one training pass."""
+    return 3.0 * forward_flops(cfg, rows, length, length,
+                               length if head_positions is None else head_positions)
+
+
+# ---------------------------------------------------------------------------
+# The stages' steps
+# ---------------------------------------------------------------------------
+
+def supervised_steps(config, runtime, cfg) -> list[Step]:
+    """SFT / pretrain (lm.train_step) or RM (reward.train_step), jitted as
+    `common.compile_supervised` jits it."""
+    from rlhf_jax import sharding
+    from rlhf_jax.models.transformer import Transformer
+    from rlhf_jax.trainers import common, lm, reward
+    b, l = int(config.train.batch_size), int(config.data.max_len)
+    sharding.check_batch_divisible(b, runtime.mesh, "train.batch_size")
+    model = Transformer(cfg, deterministic=False)
+    optimizer = common.make_optimizer(config.train)
+    state = abstract_train_state(runtime, model, optimizer)
+    mesh = runtime.mesh
+    if config.stage == "rm":
+        k = int(config.data.k_max)
+        batch = {"tokens": _batch(mesh, jnp.int32, b, k, l),
+                 "attn_mask": _batch(mesh, jnp.int32, b, k, l),
+                 "last_index": _batch(mesh, jnp.int32, b, k),
+                 "ranks": _batch(mesh, jnp.int32, b, k),
+                 "valid": _batch(mesh, jnp.bool_, b, k)}
+        fn, flops = reward.train_step, train_flops(cfg, b * k, l)
+    else:
+        batch = {k: _batch(mesh, dt, b, l) for k, dt in
+                 (("tokens", jnp.int32), ("attn_mask", jnp.int32), ("loss_mask", jnp.float32))}
+        fn, flops = lm.train_step, train_flops(cfg, b, l)
+    sh = _shardings(state)
+    step = jax.jit(functools.partial(fn, model=model, optimizer=optimizer),
+                   in_shardings=(sh, None), out_shardings=(sh, None), donate_argnums=0)
+    return [Step("train_step", step, (state, batch), flops)]
+
+
+def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
+    """PPO's rollout (`sampling.sample`), `score_rollout` and `ppo_update`,
+    jitted as `trainers.ppo.run` jits them, with the iteration's resident
+    state: policy and value TrainStates, reference and reward params."""
+    from rlhf_jax import sampling, sharding
+    from rlhf_jax import tokenizer as tokenizers
+    from rlhf_jax.models.transformer import Transformer
+    from rlhf_jax.trainers import common, ppo
+    hp = ppo._hp(config)
+    t = config.train
+    b, p, n = int(t.batch_size), int(config.data.max_prompt_len), int(config.ppo.max_new_tokens)
+    sharding.check_batch_divisible(b, runtime.mesh, "train.batch_size")
+    if b % hp.minibatches:
+        raise common.ConfigError(f"train.batch_size={b} must be divisible by "
+                                 f"ppo.minibatches={hp.minibatches}")
+    cfg_lm, cfg_scalar = cfg_lm.replace(dropout=0.0), cfg_scalar.replace(dropout=0.0)
+    models = ppo.Models(policy=Transformer(cfg_lm), value=Transformer(cfg_scalar),
+                        reward=Transformer(cfg_scalar))
+    n_updates = hp.epochs * hp.minibatches
+    policy_opt = common.make_optimizer(ppo._with_steps(t, int(t.steps) * n_updates))
+    value_opt = common.make_optimizer(ppo._with_steps(t, int(t.steps) * n_updates,
+                                                      lr=float(config.ppo.value_lr)))
+    policy = abstract_train_state(runtime, models.policy, policy_opt)
+    value = abstract_train_state(runtime, models.value, value_opt)
+    ref_params = common._restore_target(models.policy, runtime)[0]
+    reward_params = common._restore_target(models.reward, runtime)[0]
+    rep = runtime.replicated()
+    state = ppo.PPOState(step=_sds((), jnp.int32, rep), policy=policy, value=value,
+                         kl_coef=_sds((), jnp.float32, rep),
+                         ema_params=policy.params if hp.ema_decay > 0 else None)
+    resident = shard_bytes((state, ref_params, reward_params))
+    mesh = runtime.mesh
+    tok = tokenizers.build(config.model)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    rng = _sds(key.shape, key.dtype, rep)
+
+    prompt, prompt_mask = _batch(mesh, jnp.int32, b, p), _batch(mesh, jnp.int32, b, p)
+    sample_args = (models.policy, policy.params, prompt, prompt_mask, rng)
+    sample_kw = dict(max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                     temperature=hp.temperature, top_k=int(config.ppo.top_k),
+                     top_p=float(config.ppo.top_p))
+    sample = _Bound(sampling.sample, sample_kw)
+    s = p + n
+    sample_flops = (forward_flops(cfg_lm, b, p, s, 1) + n * forward_flops(cfg_lm, b, 1, s, 1))
+
+    response, mask = _batch(mesh, jnp.int32, b, n), _batch(mesh, jnp.float32, b, n)
+    finished = _batch(mesh, jnp.bool_, b)
+    score_args = (policy.params, ref_params, value.params, reward_params, prompt, prompt_mask,
+                  response, mask, finished, state.kl_coef)
+    score = jax.jit(functools.partial(ppo.score_rollout, models=models, hp=hp))
+    score_flops = (2 * forward_flops(cfg_lm, b, s, s, n) + forward_flops(cfg_scalar, b, s, s, n)
+                   + forward_flops(cfg_scalar, b, s, s, s))
+
+    bn = lambda dt: _batch(mesh, dt, b, n)     # noqa: E731
+    bs = lambda dt: _batch(mesh, dt, b, s)     # noqa: E731
+    rollout = ppo.Rollout(tokens=bs(jnp.int32), attn_mask=bs(jnp.int32), mask=bn(jnp.float32),
+                          old_logp=bn(jnp.float32), old_values=bn(jnp.float32),
+                          advantages=bn(jnp.float32), returns=bn(jnp.float32))
+    ptx, ptx_flops = None, 0.0
+    if hp.ptx_coef > 0:
+        b_ptx, l_ptx = int(config.ppo.ptx_batch_size), int(config.data.max_len)
+        ptx_sh = NamedSharding(mesh, sharding._fit(P(None, sharding.BATCH_AXES, None),
+                                                   (n_updates, b_ptx, l_ptx), mesh))
+        ptx = {k: _sds((n_updates, b_ptx, l_ptx), dt, ptx_sh) for k, dt in
+               (("tokens", jnp.int32), ("attn_mask", jnp.int32), ("loss_mask", jnp.float32))}
+        ptx_flops = n_updates * train_flops(cfg_lm, b_ptx, l_ptx)
+    mb = b // hp.minibatches
+    update_flops = ptx_flops + n_updates * (train_flops(cfg_lm, mb, s, n)
+                                            + train_flops(cfg_scalar, mb, s, n))
+    state_sh = _shardings(state)
+    update = jax.jit(functools.partial(ppo.ppo_update, models=models, policy_opt=policy_opt,
+                                       value_opt=value_opt, hp=hp, p=p),
+                     in_shardings=(state_sh, None, None, None, None),
+                     out_shardings=(state_sh, None), donate_argnums=0)
+    update_args = (state, rollout, ptx, _sds((), jnp.float32, rep), rng)
+    return [
+        Step("sample", sample, sample_args, sample_flops,
+             resident - shard_bytes(policy.params)),
+        Step("score", score, score_args, score_flops,
+             resident - shard_bytes(score_args[:4])),
+        Step("update", update, update_args, update_flops,
+             resident - shard_bytes(state)),
+    ]
+
+
+class _Bound:
+    """`jitted.lower(*args, **static_kwargs)` with the kwargs bound."""
+
+    def __init__(self, jitted, kwargs):
+        self.jitted, self.kwargs = jitted, kwargs
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, **self.kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Compile and report
+# ---------------------------------------------------------------------------
+
+def compile_step(step: Step) -> dict:
+    """Lowers and compiles one step; its per-device memory figures in bytes."""
+    t0 = time.time()
+    compiled = step.jitted.lower(*step.args).compile()
+    seconds = time.time() - t0
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return {"step": step.name, "args": m.argument_size_in_bytes,
+            "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+            "temp": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes,
+            "total": total, "other": step.other_bytes, "peak": total + step.other_bytes,
+            "flops": step.flops, "compile_s": round(seconds, 1)}
+
+
+def stage_steps(config, runtime) -> list[Step]:
+    from rlhf_jax.trainers import common
+    stage = config.stage
+    if stage in ("pretrain", "sft", "rm"):
+        head = "scalar" if stage == "rm" else "lm"
+        return supervised_steps(config, runtime, common.model_config_from(config.model, head=head))
+    if stage == "ppo":
+        return ppo_steps(config, runtime, common.model_config_from(config.model, head="lm"),
+                         common.model_config_from(config.model, head="scalar"))
+    raise common.ConfigError(f"aot: stage {stage!r} has no training step to compile "
+                             f"(pretrain, sft, rm, ppo)")
+
+
+def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[dict]:
+    """Compiles each step of `config.stage` for `topo` (or on `devices`);
+    one record per step: bytes per device, HBM, fits, FLOPs."""
+    from rlhf_jax.models.transformer import Transformer, count_params
+    from rlhf_jax.trainers import common
+    if config.model.get("pretrained"):
+        raise common.ConfigError("aot compiles from shapes: use model.preset or the architecture "
+                                 "fields instead of model.pretrained")
+    config = config.copy_and_resolve_references()
+    model_name = config.model.get("preset") or "config"
+    if layers:
+        # Fewer layers than the preset, to measure within a host's limits.
+        with config.unlocked():
+            base = common.model_config_from(config.model)
+            config.model.preset = ""
+            for f in dataclasses.fields(base):
+                if f.name in config.model:
+                    config.model[f.name] = getattr(base, f.name)
+            config.model.layers = int(layers)
+    devices = topology_devices(topo) if devices is None else devices
+    runtime = common.Runtime(config, devices)
+    cfg = common.model_config_from(config.model)
+    n_params = count_params(jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+        jax.random.PRNGKey(0)))
+    header = {"topology": topo.name, "chips": len(devices), "device_kind": devices[0].device_kind,
+              "hbm_gib": topo.hbm_gib, "stage": config.stage,
+              "model": model_name, "layers": cfg.layers,
+              "params": n_params, "mesh": dict(runtime.mesh.shape),
+              "batch_size": int(config.train.batch_size),
+              "matmul": cfg.matmul, "activations": cfg.activations, "remat": cfg.remat,
+              "jax": jax.__version__, "libtpu": libtpu_version(),
+              "date": datetime.date.today().isoformat()}
+    records = []
+    # Abstract arguments outside the mesh context (under it, even an eager
+    # PRNGKey would be placed on the compile-only devices); lowering inside
+    # it, as the trainers do, so the models' activation constraints apply.
+    steps = [s for s in stage_steps(config, runtime) if not only or s.name in only]
+    for step in steps:
+        with runtime.activations():
+            r = dict(header, **compile_step(step))
+            r["fits"] = r["peak"] <= topo.hbm_gib * GiB
+            records.append(r)
+    return records
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def format_report(records: list[dict]) -> str:
+    """A console table of one stage's records: GiB per chip."""
+    if not records:
+        return "(no steps compiled)"
+    h = records[0]
+    mesh = " x ".join(f"{k}={v}" for k, v in h["mesh"].items())
+    unit, unit_name = (GiB, "GiB") if max(r["peak"] for r in records) >= GiB else (2 ** 20, "MiB")
+    lines = [f"{h['stage']} | model {h['model']} ({_count(h['params'])} params, "
+             f"{h['layers']} layers, matmul {h['matmul']}, activations {h['activations']}, "
+             f"remat {h['remat']}) | batch {h['batch_size']}",
+             f"{h['topology']}: {h['chips']} x {h['device_kind']} ({h['hbm_gib']:g} GiB HBM "
+             f"each) | mesh {mesh} | jax {h['jax']}, libtpu {h['libtpu']}",
+             f"{unit_name} per chip:",
+             f"{'step':<11}{'args':>8}{'outputs':>9}{'aliased':>9}{'temp':>8}{'code':>7}"
+             f"{'total':>8}{'other':>8}{'peak':>8}{'HBM':>7}  {'fits':<5}"
+             f"{'TFLOP/step':>11}{'per chip':>10}{'compile s':>10}"]
+    for r in records:
+        g = lambda k: r[k] / unit  # noqa: E731
+        lines.append(
+            f"{r['step']:<11}{g('args'):8.2f}{g('outputs'):9.2f}{g('aliased'):9.2f}"
+            f"{g('temp'):8.2f}{g('code'):7.2f}{g('total'):8.2f}{g('other'):8.2f}"
+            f"{g('peak'):8.2f}{r['hbm_gib']:7g}  {'yes' if r['fits'] else 'NO':<5}"
+            f"{r['flops'] / 1e12:11.1f}{r['flops'] / r['chips'] / 1e12:10.2f}"
+            f"{r['compile_s']:10.1f}")
+    return "\n".join(lines)
+
+
+def extrapolated_peak(rs: list[dict], layers: int) -> float:
+    """Peak bytes at `layers` layers, linear in depth through the records'
+    two largest layer counts (one step, one mesh): a LOWER BOUND. Params and
+    optimizer state grow exactly linearly, but the peak is the largest of
+    several phases' working sets, and at a few layers the head's (logits)
+    hides the layer stack's: Llama-3-8B's SFT step on v5p-128 extrapolated
+    from 2 and 4 layers to 6.3 GiB, and compiled at 32 layers needs 9.1.
+    Compile at full depth where the host allows (a layer scan's compile time
+    does not grow with depth)."""
+    (l1, p1), (l2, p2) = sorted((r["layers"], r["peak"]) for r in rs)[-2:]
+    return p2 + (p2 - p1) / (l2 - l1) * (layers - l2)
+
+
+def markdown_table(records: list[dict]) -> str:
+    """README's mesh table: one row per stage run, its worst step's peak.
+    Runs of a preset compiled with fewer layers (`--layers`) at two depths
+    are extrapolated to the preset's depth (`extrapolated_peak`)."""
+    from rlhf_jax.models import presets
+    runs: dict = {}
+    for r in records:
+        key = (r["model"], r["stage"], r["topology"], json.dumps(r["mesh"]), r["batch_size"])
+        runs.setdefault(key, {}).setdefault(r["step"], []).append(r)
+    rows = ["| model | stage | topology (chips) | mesh (data x fsdp x tensor) | batch | "
+            "peak HBM per chip, GiB (step) | chip HBM, GiB | fits |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (model, stage, topo, _, batch), steps in runs.items():
+        depth = presets.PRESETS.get(model, {}).get("layers")
+        peaks, note = {}, ""
+        for name, rs in steps.items():
+            full = [r for r in rs if r["layers"] == depth]
+            if depth and not full and len({r["layers"] for r in rs}) >= 2:
+                peaks[name] = extrapolated_peak(rs, depth)
+                note = (f", at least: from {' and '.join(str(r['layers']) for r in rs)} layers")
+            else:
+                peaks[name] = max(full or rs, key=lambda r: r["layers"])["peak"]
+        h = next(iter(steps.values()))[0]
+        worst = max(peaks, key=peaks.get)
+        mesh = " x ".join(str(v) for v in h["mesh"].values())
+        fits = all(p <= h["hbm_gib"] * GiB for p in peaks.values())
+        rows.append(f"| {model} | {stage} | {topo} ({h['chips']}) | {mesh} | {batch} | "
+                    f"{peaks[worst] / GiB:.1f} ({worst}{note}) | {h['hbm_gib']:g} | "
+                    f"{'yes' if fits else '**no**'} |")
+    return "\n".join(rows)
+
+
+def _main(argv):
+    del argv
+    from rlhf_jax import errors
+    if _TABLE_FROM.value:
+        with open(_TABLE_FROM.value) as f:
+            print(markdown_table([json.loads(line) for line in f if line.strip()]))
+        return
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        sys.stderr.write("rlhf_jax.aot: error: --config and --topology are required\n")
+        sys.exit(2)
+    with errors.reported():
+        try:
+            topo = topology(_TOPOLOGY.value)
+            devices = topology_devices(topo)
+        except (ValueError, RuntimeError) as e:     # unknown slice; no libtpu
+            sys.stderr.write(f"rlhf_jax.aot: error: {e}\n")
+            sys.exit(2)
+        records = run(_CONFIG.value, topo, devices, layers=_LAYERS.value,
+                      only=tuple(s for s in _STEPS.value.split(",") if s))
+        print(format_report(records), flush=True)
+        if _JSON.value:
+            with open(_JSON.value, "a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    for _arg in sys.argv:   # configs import `configs.base`, as in rlhf_jax.main
+        if _arg.startswith("--config="):
+            sys.path.insert(0, os.path.dirname(os.path.dirname(
+                os.path.abspath(_arg.split("=", 1)[1].split(":")[0]))))
+    from absl import app, flags
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:variant].",
+                                              lock_config=True)
+    _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice, e.g. v5e-16, v5p-128, v4-8.")
+    _LAYERS = flags.DEFINE_integer("layers", 0, "Compile with this many layers instead of the "
+                                   "model's (when a host cannot compile the full depth; the "
+                                   "table's extrapolation from two depths is a lower bound).")
+    _STEPS = flags.DEFINE_string("steps", "", "Comma-separated steps to compile (default all).")
+    _JSON = flags.DEFINE_string("json", "", "Append one JSON record per step to this file.")
+    _TABLE_FROM = flags.DEFINE_string("table_from", "", "Print README's markdown table from a "
+                                      "--json file and exit.")
+    app.run(_main)

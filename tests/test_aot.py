@@ -1,0 +1,128 @@
+"""rlhf_jax.aot: topologies, the report, optimizer-state shardings, and (where
+libtpu is installed) a real compile for a small TPU slice."""
+import jax
+import pytest
+
+from configs import ppo as ppo_config
+from configs import sft as sft_config
+from rlhf_jax import aot
+from rlhf_jax.models import presets
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.trainers import common
+
+GiB = aot.GiB
+
+
+def test_topology_names_follow_cloud_tpu():
+    t = aot.topology("v5p-128")          # TensorCores: 64 chips, a full 4x4x4 torus
+    assert (t.topology_name, t.chips, t.chip_config_name, t.wrap, t.hbm_gib) == \
+        ("v5:4x4x4", 64, "megacore", (True, True, True), 95.0)
+    t = aot.topology("v5e-256")          # chips
+    assert (t.topology_name, t.chips, t.wrap, t.hbm_gib) == \
+        ("v5e:16x16", 256, (True, True, False), 16.0)
+    assert aot.topology("v4-8").topology_name == "v4:2x2x1"
+    for bad in ("v5p-6", "v9-8", "v5e"):
+        with pytest.raises(ValueError, match="topology"):
+            aot.topology(bad)
+
+
+def _record(step, peak_gib, hbm=16.0, **kw):
+    r = dict(topology="v5e-16", chips=16, device_kind="TPU v5 lite", hbm_gib=hbm, stage="ppo",
+             model="llama3_8b", layers=32, params=8_030_261_248, batch_size=64,
+             mesh={"data": 1, "fsdp": 16, "tensor": 1}, matmul="bf16", activations="bfloat16",
+             remat=True, jax="0.10.2", libtpu="0.0.42.1", step=step, args=GiB, outputs=GiB,
+             aliased=GiB, temp=GiB, code=0, total=peak_gib * GiB, other=0,
+             peak=peak_gib * GiB, flops=1.6e15, compile_s=1.0)
+    r.update(kw)
+    r["fits"] = r["peak"] <= hbm * GiB
+    return r
+
+
+def test_table_reports_the_worst_step_and_does_not_fit():
+    records = [_record("sample", 9.0), _record("score", 12.5), _record("update", 17.25)]
+    table = aot.markdown_table(records)
+    row = table.splitlines()[2]
+    assert "| llama3_8b | ppo | v5e-16 (16) | 1 x 16 x 1 | 64 |" in row
+    assert "17.2 (update)" in row and row.endswith("| 16 | **no** |")
+    report = aot.format_report(records)
+    assert "GiB per chip" in report and "NO" in report.splitlines()[-1]
+    assert "1600.0" in report and "100.00" in report     # TFLOP per step; per chip (16)
+
+
+def test_table_extrapolates_fewer_layers_to_the_presets_depth():
+    # 2 and 4 layers compiled: +0.25 GiB a layer -> 32 layers at 10.5 GiB.
+    records = [_record("train_step", 3.0, layers=2, stage="sft"),
+               _record("train_step", 3.5, layers=4, stage="sft")]
+    row = aot.markdown_table(records).splitlines()[2]
+    assert "10.5 (train_step, at least: from 2 and 4 layers)" in row and row.endswith("| 16 | yes |")
+    records[1]["peak"] = 4.0 * GiB                  # +0.5 a layer: 18 GiB, over 16
+    assert aot.markdown_table(records).endswith("| 16 | **no** |")
+
+
+def test_presets_have_the_published_sizes():
+    sizes = {}
+    for name in ("llama3_8b", "llama3_70b"):
+        cfg = presets.preset_config(name)
+        abstract = jax.eval_shape(
+            lambda r: Transformer(cfg).init(r, jax.numpy.zeros((1, 8), "int32"))["params"],
+            jax.random.PRNGKey(0))
+        sizes[name] = sum(x.value.size for x in jax.tree_util.tree_leaves(
+            abstract, is_leaf=lambda x: hasattr(x, "value")))
+    assert sizes == {"llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496}
+    c = sft_config.get_config("tiny")
+    c.model.preset = "llama3_8b"
+    assert common.model_config_from(c.model).intermediate == 14336
+    c.model.preset = "llama3_9b"
+    with pytest.raises(common.ConfigError, match="llama3_70b, llama3_8b"):
+        common.model_config_from(c.model)
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+    # jax.jit(optimizer.init) alone replicated Adam's moments on every device.
+    c = sft_config.get_config("tiny")
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    runtime = common.Runtime(c)
+    model = Transformer(common.model_config_from(c.model))
+    with runtime.activations():
+        state, shardings = common.create_train_state(runtime, model,
+                                                     common.make_optimizer(c.train), 0)
+    mu = state.opt_state[1][0].mu
+    for p, m in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(mu)):
+        assert m.sharding.spec == p.sharding.spec
+    kernel = state.params["layers"]["mlp"]["up"]["kernel"]
+    assert "fsdp" in kernel.sharding.spec          # really sharded, not only equal
+
+
+needs_libtpu = pytest.mark.skipif(
+    aot.libtpu_version() is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'); it compiles for TPU topologies")
+
+
+@needs_libtpu
+def test_compile_for_a_v5e_slice():
+    topo = aot.topology("v5e-4")
+    devices = aot.topology_devices(topo)
+    assert len(devices) == 4 and devices[0].platform == "tpu"
+    peaks = {}
+    for batch in (32, 64):
+        c = sft_config.get_config("tiny")
+        c.mesh.data, c.mesh.fsdp = 2, 2
+        c.train.batch_size = batch
+        [r] = aot.run(c, topo, devices)
+        assert r["step"] == "train_step" and r["chips"] == 4 and r["fits"]
+        assert r["args"] > 0 and r["outputs"] > 0 and r["aliased"] > 0   # donated state
+        assert r["flops"] == pytest.approx(aot.train_flops(
+            common.model_config_from(c.model), batch, c.data.max_len))
+        peaks[batch] = r["peak"]
+    assert peaks[64] > peaks[32]      # activations grow with the batch
+
+
+@needs_libtpu
+def test_compile_ppo_steps_for_a_v4_slice():
+    c = ppo_config.get_config("tiny")
+    c.mesh.data, c.mesh.fsdp = 2, 2
+    c.model.update(dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128))
+    records = aot.run(c, aot.topology("v4-8"))
+    assert [r["step"] for r in records] == ["sample", "score", "update"]
+    for r in records:   # the other models stay resident while each step runs
+        assert r["other"] > 0 and r["peak"] == r["total"] + r["other"]

@@ -48,6 +48,13 @@ TPU_POD = ("launch/tpu_pod.sh --name my-pod --zone us-central2-b --type v4-32 "
            "--config.mesh.fsdp=16")
 SLURM = "launch/slurm_gpu.sh --partition gpu 4 8 configs/sft.py /shared/sft --config.mesh.fsdp=32"
 LOCAL = "LOCAL_DEVICES=4 launch/local.sh 2 configs/sft.py:tiny workdirs/sft2"
+AOT_INSTALL = "pip install -e '.[tpu]'"
+AOT_COMPILE = ("python -m rlhf_jax.aot --config configs/sft.py --topology v5p-128 "
+               "--config.model.preset=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=-1 "
+               "--config.model.matmul=bf16 --config.model.activations=bfloat16 "
+               "--config.model.remat=True --config.model.scan_unroll=1 "
+               "--config.data.max_len=2048 --config.train.batch_size=64 --json aot.jsonl")
+AOT_TABLE = "python -m rlhf_jax.aot --table_from aot.jsonl"
 
 CHECKED = {
     MAIN_JOB: "install checked; main job parses",
@@ -59,6 +66,9 @@ CHECKED = {
     TPU_POD: "runs with --dry-run; its main command parses",
     SLURM: "runs with --dry-run; its main command parses",
     LOCAL: "runs",
+    AOT_INSTALL: "the tpu extra pins libtpu",
+    AOT_COMPILE: "needs libtpu (tests/test_aot.py compiles where it is installed); its config loads",
+    AOT_TABLE: "runs on the recorded compiles and prints README's table",
 }
 
 
@@ -125,6 +135,8 @@ def _classified():
     for heading, lang, lines in readme_blocks(open(README).read()):
         if lang == "python":
             python.append("\n".join(lines))
+        elif lang == "text":
+            continue          # what the console shows, not a command
         elif heading == "Layout":
             # A file tree; a line not naming a path here is taken for a command.
             layout.append([l for l in lines if l.strip() and _names_a_path(l)])
@@ -300,6 +312,37 @@ def test_main_job_smollm2_and_launcher_commands_parse(user_dir):
     argvs = [_main_argv(main_job), _main_argv(SMOLLM2_CPU), _main_argv(SMOLLM2_GPU), *printed]
     for argv, parsed in zip(argvs, _parse_all(argvs, cwd, env)):
         _check_parsed(parsed, argv, cwd)
+
+
+def test_aot_commands(user_dir):
+    """The install names the tpu extra; the compile command's topology is
+    known and its config overrides load (compiling needs libtpu, which
+    tests/test_aot.py uses where it is installed); the table command, run on
+    the recorded compiles, prints README's table."""
+    import ast
+    import shutil
+    from rlhf_jax import aot
+    from helpers import load_config
+    cwd, env = user_dir
+    assert '"tpu": ["libtpu==' in open(os.path.join(ROOT, "setup.py")).read()
+    words = shlex.split(AOT_COMPILE)
+    assert aot.topology(words[words.index("--topology") + 1]).chips == 64
+    overrides = {}
+    for w in words:
+        if w.startswith("--config."):
+            key, value = w[len("--config."):].split("=", 1)
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+            overrides[key] = value
+    cfg = load_config("sft", "", **overrides)       # locked: an unknown key fails
+    assert cfg.model.preset == "llama3_8b" and cfg.data.max_len == 2048
+    shutil.copy(os.path.join(ROOT, "bench", "aot_sft_presets.jsonl"), cwd / "aot.jsonl")
+    r = _shell(AOT_TABLE, cwd, env, timeout=120)
+    table = [l for l in r.stdout.splitlines() if l.startswith("|")]
+    readme = open(README).read().splitlines()
+    assert len(table) >= 3 and all(l in readme for l in table), r.stdout
 
 
 def test_test_command_is_ci_run_and_its_pins_hold():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from helpers import (ROOT, assert_trees_equal, load_config, micro_model, run_interrupted,
                      world_demos, write_jsonl)
@@ -64,6 +65,11 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
 
     assert_trees_equal(checkpoint.load_saved_params(str(tmp_path / "full")),
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
+    # A workdir whose checkpoint is past train.steps (made by a longer run)
+    # is refused instead of being called finished without its end.
+    from rlhf_jax.trainers.common import ConfigError
+    with pytest.raises(ConfigError, match="past train.steps=4"):
+        trainers.run(override(cfg, **{"train.steps": 4}), str(tmp_path / "full"))
 
 
 def test_sharded_run_equals_single_device(tmp_path):

@@ -362,6 +362,11 @@ def run_loop(loop: Loop) -> TrainState:
     total = int(t.steps)
     ckpt = checkpoint.Checkpointer(loop.workdir, t.checkpoint_every, t.keep_checkpoints)
     state, start, _ = restore_or_start(ckpt, loop.state, loop.state_shardings)
+    if start > total:
+        # A run of more steps stopped here: resuming would skip its end
+        # (the RM's bias normalisation included) and call it finished.
+        raise ConfigError(f"{ckpt.directory} holds step {start}, past train.steps={total}: it "
+                          f"was made with other settings; use a new workdir or delete it")
     writer = MetricsWriter(loop.workdir, loop.stage, total_steps=total)
     if start:
         writer.log(f"[{loop.stage}] resuming from step {start} ({ckpt.directory})")

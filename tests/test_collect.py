@@ -59,15 +59,14 @@ def _lines(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _gold(prompt, response):
-    """The gold score, or None when the file cannot tell whether the response
-    reached EOS. With the byte-level tokenizer an ASCII response cut at the
-    limit holds exactly MAX_NEW bytes; other text may hold replacement
-    characters of undecodable bytes, whose count says nothing."""
+def _finished_by_length(response):
+    """Whether an ASCII response reached EOS, told from its length alone: with
+    the byte-level tokenizer one cut at the limit holds exactly MAX_NEW bytes
+    (other text may hold replacement characters of undecodable bytes, whose
+    count says nothing: None)."""
     if not response.isascii():
         return None
-    n = len(tokenizers.ByteTokenizer().encode(response))
-    return gold.gold_score(prompt, response, finished=n < MAX_NEW)
+    return len(tokenizers.ByteTokenizer().encode(response)) < MAX_NEW
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,10 @@ def test_collect_writes_comparisons_the_data_layer_reads(collected):
         assert records == [{k: v for k, v in r.items() if k != "sources"} for r in raw]
         assert 0 < len(records) <= n_prompts
         for r in raw:
-            assert set(r) == {"prompt", "responses", "ranks", "sources", "category"}
+            assert set(r) == {"prompt", "responses", "ranks", "finished", "sources", "category"}
+            # "finished" says which responses reached EOS (the gold score of a cut one is -1).
+            for x, done in zip(r["responses"], r["finished"]):
+                assert _finished_by_length(x) in (None, done), (x, done)
             assert r["category"] == gold.category_of(r["prompt"])
             assert 2 <= len(r["responses"]) <= K and len(r["ranks"]) == len(r["responses"])
             assert len(r["sources"]) == len(r["responses"])
@@ -135,11 +137,9 @@ def test_ranks_follow_the_gold_order_more_often_than_not(collected):
     workdir, summary = collected
     agree = total = 0
     for r in _lines(os.path.join(workdir, collect.COMPARISONS)):
-        s = [_gold(r["prompt"], x) for x in r["responses"]]
+        s = [gold.gold_score(r["prompt"], x, done) for x, done in zip(r["responses"], r["finished"])]
         for i in range(len(s)):
             for j in range(i + 1, len(s)):
-                if None in (s[i], s[j]):
-                    continue
                 if s[i] != s[j] and r["ranks"][i] != r["ranks"][j]:
                     total += 1
                     agree += (s[i] > s[j]) == (r["ranks"][i] < r["ranks"][j])

@@ -76,6 +76,10 @@ MALFORMED = [
      "identical responses ranked differently"),
     ("comparisons", {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "chosen": "a",
                      "rejected": "b"}, "chosen", "not both"),
+    ("comparisons", {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1],
+                     "finished": [True]}, "finished", "one per response"),
+    ("comparisons", {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1],
+                     "finished": [1, 0]}, "finished", "booleans"),
     ("prompts", {"prompt": 5}, "prompt", "must be a string"),
     ("text", {"txt": "hello"}, "text", "missing"),
 ]
@@ -118,6 +122,24 @@ def test_normalisation_pairwise_category_and_extra_fields(tmp_path):
     assert records[1] == {"prompt": "Rank", "responses": ["a", "b", "c"], "ranks": [2, 0, 1],
                           "category": ""}
     assert records[2]["ranks"] == [1, 3]  # ranks need not be contiguous
+
+
+def test_finished_flags_are_kept_and_reach_the_gold_accuracy(tmp_path):
+    """A response cut at the length limit ("finished": false) keeps its flag
+    through the data layer, and the RM's gold accuracy scores it as collect's
+    labeler did (-1), not as the finished text it reads like."""
+    from rlhf_jax.trainers import reward
+    record = {"prompt": "What is 2 plus 3?", "responses": ["5", "4"], "ranks": [1, 0],
+              "finished": [False, True]}
+    path = write_lines(tmp_path / "c.jsonl", [record, KWISE])
+    records, _ = read_jsonl(path, "comparisons")
+    assert records[0]["finished"] == [False, True] and "finished" not in records[1]
+    source = open_source(str(path), "comparisons", data_dir=str(tmp_path / "tfds"))
+    stored = [source[0], source[1]]
+    assert stored[0]["finished"] == [False, True] and stored[1]["finished"] == []
+    np.testing.assert_array_equal(reward.gold_scores(stored[0], 3), [-1.0, 0.0, np.nan])
+    record["finished"] = [True, True]
+    np.testing.assert_array_equal(reward.gold_scores(record, 3), [1.0, 0.0, np.nan])
 
 
 def test_strings_are_kept_verbatim_and_bom_is_skipped(tmp_path):

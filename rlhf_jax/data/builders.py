@@ -31,12 +31,12 @@ import tensorflow_datasets as tfds
 
 from rlhf_jax import console
 from rlhf_jax.data import jsonl
-from rlhf_jax.data.features import KINDS, features
+from rlhf_jax.data.features import KINDS, features, stored
 
 DATA_DIR_ENV = "RLHF_JAX_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/rlhf_jax/tfds"
 # Part of every digest: bump it when the stored form of records changes.
-_FORMAT = "jsonl_records/1"
+_FORMAT = "jsonl_records/2"  # 2: comparisons store "finished"
 
 
 def default_data_dir() -> str:
@@ -117,7 +117,7 @@ class JsonlRecords(QuietBuild, tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, records):
         for i, record in enumerate(records):
-            yield i, record
+            yield i, stored(record, self.kind)
 
 
 def prepare_locally(builder: tfds.core.DatasetBuilder, source: str = "", **kwargs):

@@ -17,7 +17,9 @@ def features(kind: str) -> tfds.features.FeaturesDict:
     elif kind == "comparisons":
         # Pairwise {"chosen", "rejected"} records are stored as the K=2 case.
         spec = {"prompt": text(), "responses": tfds.features.Sequence(text()),
-                "ranks": tfds.features.Sequence(np.int32)}
+                "ranks": tfds.features.Sequence(np.int32),
+                # [K] bools when the JSONL gave them, else empty (all finished).
+                "finished": tfds.features.Sequence(np.bool_)}
     elif kind == "prompts":
         spec = {"prompt": text()}
     elif kind == "text":
@@ -28,3 +30,11 @@ def features(kind: str) -> tfds.features.FeaturesDict:
     # user data) so that evaluation can report per-category accuracy.
     spec["category"] = text()
     return tfds.features.FeaturesDict(spec)
+
+
+def stored(record: dict, kind: str) -> dict:
+    """A normalised record with every field its kind's features hold (the
+    optional ones at their empty default)."""
+    if kind == "comparisons" and "finished" not in record:
+        return {**record, "finished": []}
+    return record

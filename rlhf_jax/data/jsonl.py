@@ -7,7 +7,10 @@ physical lines of the file. Record kinds and their normalised form:
     comparisons     {"prompt": str, "responses": [K str], "ranks": [K int]}
                     (0 = best, ties allowed, 2 <= K <= 9), or the pairwise
                     {"prompt": str, "chosen": str, "rejected": str}, which is
-                    normalised to responses=[chosen, rejected], ranks=[0, 1]
+                    normalised to responses=[chosen, rejected], ranks=[0, 1];
+                    optionally "finished": [K bool], False for a response cut at
+                    the length limit before its end-of-sequence token (collect
+                    writes it; the gold labeler scores such a response -1)
     prompts         {"prompt": str}
     text            {"text": str}
 
@@ -140,7 +143,15 @@ def _comparison(obj: dict) -> dict:
             if responses[i] == responses[j] and ranks[i] != ranks[j]:
                 raise _Invalid("responses", "identical responses ranked differently",
                                f"; entries {i} and {j}")
-    return {"prompt": prompt, "responses": list(responses), "ranks": [int(r) for r in ranks]}
+    record = {"prompt": prompt, "responses": list(responses), "ranks": [int(r) for r in ranks]}
+    if "finished" in obj:
+        finished = obj["finished"]
+        if (not isinstance(finished, list) or len(finished) != len(responses)
+                or not all(isinstance(f, bool) for f in finished)):
+            raise _Invalid("finished", "must be a list of booleans, one per response",
+                           f", got {json.dumps(finished)[:80]}")
+        record["finished"] = list(finished)
+    return record
 
 
 def normalise(obj: Any, kind: str) -> dict:

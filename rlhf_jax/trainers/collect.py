@@ -12,9 +12,12 @@ identical samples on two thirds of the prompts (BENCHMARKS.md).
 
 Outputs in the workdir:
 
-    comparisons.jsonl       {"prompt", "responses": [K], "ranks": [K], "sources": [K],
-                            "category"}: one line a prompt; ranks 0 = best, ties
-                            share a rank; sources name the policy of each response
+    comparisons.jsonl       {"prompt", "responses": [K], "ranks": [K], "finished": [K],
+                            "sources": [K], "category"}: one line a prompt; ranks
+                            0 = best, ties share a rank; finished is False for a
+                            response cut at the length limit (gold -1, which the
+                            RM's gold accuracy must know); sources name the
+                            policy of each response
     comparisons_eval.jsonl  the same on held-out prompts, ranked by an
                             independent labeler (another noise stream): the
                             reward model's validation set
@@ -286,7 +289,8 @@ def rank_groups(prompts, categories, groups, scores, rng: np.random.Generator,
         both = (d_lab != 0) & (d_gold != 0) & upper
         stats["gold_pairs"] += int(both.sum())
         stats["gold_agree"] += int((both & (d_lab == d_gold)).sum())
-        record = {"prompt": prompt, "responses": texts, "ranks": [int(r) for r in ranks]}
+        record = {"prompt": prompt, "responses": texts, "ranks": [int(r) for r in ranks],
+                  "finished": [bool(group[j][1]) for j in keep]}
         if sources is not None:
             record["sources"] = [sources[i][j] for j in keep]
         record["category"] = category

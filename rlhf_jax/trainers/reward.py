@@ -97,11 +97,14 @@ def train_step(state: common.TrainState, batch, *, model: Transformer, optimizer
 
 def gold_scores(record: dict, k_max: int) -> np.ndarray:
     """float32 [k_max]: the gold labeler's score of each response, NaN in
-    padding slots and for prompts outside the instruction world."""
+    padding slots and for prompts outside the instruction world. A response
+    the record marks unfinished (cut at the length limit) scores as the
+    labeler scored it when it ranked the record."""
     out = np.full((k_max,), np.nan, dtype=np.float32)
+    finished = record.get("finished") or [True] * len(record["responses"])
     try:
-        for i, response in enumerate(record["responses"]):
-            out[i] = gold_score(record["prompt"], response)
+        for i, (response, done) in enumerate(zip(record["responses"], finished)):
+            out[i] = gold_score(record["prompt"], response, bool(done))
     except ValueError:  # not a world prompt: no gold ordering
         out[:] = np.nan
     return out

@@ -32,7 +32,8 @@ def _to_float(v):
 
 class MetricsWriter:
     def __init__(self, workdir: str, stage: str, total_steps: Optional[int] = None,
-                 progress: bool = True):
+                 progress: bool = True, label: str = ""):
+        """`label` names the progress bar (default: the stage)."""
         self.stage = stage
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -51,7 +52,7 @@ class MetricsWriter:
         if progress and total_steps and os.environ.get("RLHF_JAX_NO_PROGRESS") != "1":
             from tqdm import tqdm
             # Not on a terminal the bar draws into nothing; `_line` prints its state.
-            self._bar = tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True,
+            self._bar = tqdm(total=total_steps, desc=label or stage, unit="step", dynamic_ncols=True,
                              file=None if self._tty else io.StringIO(),
                              mininterval=0.1 if self._tty else _FILE_INTERVAL_S)
 

@@ -38,3 +38,11 @@ def stored(record: dict, kind: str) -> dict:
     if kind == "comparisons" and "finished" not in record:
         return {**record, "finished": []}
     return record
+
+
+def unstored(record: dict) -> dict:
+    """The inverse of `stored`: the optional fields left at their empty default
+    are dropped, so a record reads back as its JSONL line was normalised."""
+    if record.get("finished") == []:
+        del record["finished"]
+    return record

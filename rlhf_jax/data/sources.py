@@ -32,7 +32,7 @@ import numpy as np
 
 from rlhf_jax.data import jsonl
 from rlhf_jax.data.builders import build_jsonl, default_data_dir
-from rlhf_jax.data.features import KINDS
+from rlhf_jax.data.features import KINDS, unstored
 
 TFDS_PREFIX = "tfds:"
 WORLD_NAME = "instruction_world"
@@ -110,7 +110,7 @@ class Source(collections.abc.Sequence):
         return [self._decode(r) for r in _read_many(self._data, [self._underlying(i) for i in indices])]
 
     def _decode(self, raw) -> dict:
-        record = to_python(raw)
+        record = unstored(to_python(raw))
         record.setdefault("category", "")
         return record
 

@@ -406,7 +406,9 @@ def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params
         params, train, _ = ckpt.restore(start, _like(params_like, sh_params),
                                         _like(train_like, sh_train))
         state = _join_state(params, train)
-    writer = MetricsWriter(workdir, "ppo", total_steps=iterations)
+    # The bar says which of the main job's two PPO runs this is.
+    writer = MetricsWriter(workdir, "ppo", total_steps=iterations,
+                           label="ppo_ptx" if hp.ptx_coef > 0 else "ppo")
     if start:
         writer.log(f"[ppo] resuming from iteration {start} ({ckpt.directory})")
         writer.start_at(start)

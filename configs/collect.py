@@ -10,7 +10,9 @@ policy and the base model by default), ranked by a simulated labeler
 Writes `<workdir>/comparisons.jsonl` (ranked by one labeler) and
 `<workdir>/comparisons_eval.jsonl` (held-out prompts, ranked by an
 independent labeler), lines `{"prompt", "responses": [K], "ranks": [K],
-"category"}`, plus `collect.json` and metrics.jsonl (stage "collect").
+"finished": [K], "sources": [K], "category"}`, plus
+`comparisons_eval_sft.jsonl` (the held-out prompts' SFT samples alone),
+`collect.json` and metrics.jsonl (stage "collect").
 A finished collect, re-run with the same settings, does nothing.
 """
 import ml_collections

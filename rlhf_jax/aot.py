@@ -252,7 +252,7 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     jitted as `trainers.ppo.run` jits them, with the iteration's resident
     state: policy and value TrainStates, reference and reward params."""
     from rlhf_jax import sampling, sharding
-    from rlhf_jax import tokenizer as tokenizers
+    from rlhf_jax.models import pretrained
     from rlhf_jax.models.transformer import Transformer
     from rlhf_jax.trainers import common, ppo
     hp = ppo._hp(config)
@@ -279,7 +279,7 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
                          ema_params=policy.params if hp.ema_decay > 0 else None)
     resident = shard_bytes((state, ref_params, reward_params))
     mesh = runtime.mesh
-    tok = tokenizers.build(config.model)
+    tok = pretrained.build_tokenizer(config.model)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     rng = _sds(key.shape, key.dtype, rep)
 

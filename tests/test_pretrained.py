@@ -240,7 +240,7 @@ def test_load_for_config_and_tokenizer_round_trip(tmp_path, bpe):
     for text in TEXTS:
         assert tok2.encode(text) == bpe.encode(text).ids
     # The trainers rebuild a checkpoint's tokenizer from the recorded path.
-    again = tokenizers.build({"tokenizer": str(tmp_path)})
+    again = pretrained.build_tokenizer({"tokenizer": str(tmp_path)})
     assert (again.eos_id, again.pad_id, again.prompt_format) == (2, 0, tokenizers.CHATML_PROMPT_FORMAT)
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["architectures"] == ["Qwen2ForCausalLM"] and cfg_json["eos_token_id"] == 2
@@ -285,7 +285,7 @@ def test_gguf_without_transformers(tmp_path, bpe):
     for text in TEXTS:
         assert tok.encode(text) == bpe.encode(text).ids
         assert tok.decode(tok.encode(text)) == text
-    assert tokenizers.build({"tokenizer": path}).eos_id == 2
+    assert pretrained.build_tokenizer({"tokenizer": path}).eos_id == 2
 
 
 def test_unsupported_variants_fail_clearly(tmp_path):

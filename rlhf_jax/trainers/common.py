@@ -18,17 +18,14 @@ import optax
 
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax.errors import ConfigError, Preempted  # noqa: F401  (stages raise them as common.*)
 from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.models import presets
+from rlhf_jax.models import presets, pretrained
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 # Fields of config.model that choose how to run, not what the network is:
 # these apply even when the architecture comes from a checkpoint.
 RUNTIME_FIELDS = ("dropout", "matmul", "activations", "remat", "scan_unroll")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration, reported as one line before anything compiles."""
 
 
 # ---------------------------------------------------------------------------
@@ -67,11 +64,10 @@ def stage_model(config, head: str = "lm", from_checkpoint: str = ""):
         tok = tokenizer_from_meta(meta)
         return cfg, tok, None
     if config.model.get("pretrained"):
-        from rlhf_jax.models import pretrained
         cfg, tok, params = pretrained.load_for_config(config.model.pretrained)
         cfg = cfg.replace(head=head, **{k: config.model[k] for k in RUNTIME_FIELDS})
         return cfg, tok, params
-    tok = tokenizers.build(config.model)
+    tok = pretrained.build_tokenizer(config.model)
     cfg = model_config_from(config.model, head=head)
     if cfg.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
@@ -83,7 +79,7 @@ def tokenizer_from_meta(meta: dict):
     spec = meta.get("tokenizer", "byte")
     if spec in ("", "byte"):
         return tokenizers.ByteTokenizer()
-    return tokenizers.build({"tokenizer": spec})
+    return pretrained.build_tokenizer({"tokenizer": spec})
 
 
 def model_meta(cfg: ModelConfig, tokenizer_spec: str) -> dict:
@@ -308,10 +304,6 @@ class Preemption:
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-class Preempted(Exception):
-    """Raised after a preemption checkpoint; main() exits 0."""
 
 
 # ---------------------------------------------------------------------------

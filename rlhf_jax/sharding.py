@@ -155,3 +155,10 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size")
     if batch_size % n:
         raise ValueError(f"{what}={batch_size} must be divisible by data x fsdp = {n} "
                          f"(mesh {dict(mesh.shape)})")
+
+
+def abstract_like(tree, shardings):
+    """`tree`'s shapes and dtypes as ShapeDtypeStructs placed by `shardings` (a
+    matching tree): what a checkpoint restores into, or a compile lowers for."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  tree, shardings)

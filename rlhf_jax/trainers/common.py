@@ -178,9 +178,7 @@ def _restore_target(model: Transformer, runtime: Runtime):
     abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
                               jax.random.PRNGKey(0))
     shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
-    like = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  sharding.strip_boxes(abstract), shardings)
-    return like, shardings
+    return sharding.abstract_like(sharding.strip_boxes(abstract), shardings), shardings
 
 
 def load_params_from(path: str, runtime: Runtime, target_params, target_shardings):
@@ -341,11 +339,8 @@ def restore_or_start(ckpt: checkpoint.Checkpointer, state: TrainState, shardings
         return state, 0, {}
     params_like, train_like = state.split()
     sh_params, sh_train = shardings.split() if isinstance(shardings, TrainState) else (None, None)
-    like_p = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    params_like, sh_params)
-    like_t = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    train_like, sh_train)
-    params, train, meta = ckpt.restore(step, like_p, like_t)
+    params, train, meta = ckpt.restore(step, sharding.abstract_like(params_like, sh_params),
+                                       sharding.abstract_like(train_like, sh_train))
     return train.replace(params=params), step, meta
 
 

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, distributed, losses, rl, sampling
+from rlhf_jax import checkpoint, distributed, losses, rl, sampling, sharding
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import preprocess
 from rlhf_jax.metrics import MetricsWriter
@@ -314,11 +314,6 @@ def _join_state(params, train: PPOState) -> PPOState:
     return train          # the EMA's params item is derived from `train`
 
 
-def _like(tree, shardings):
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  tree, shardings)
-
-
 def run(config, workdir: str):
     check_config(config)
     runtime = common.Runtime(config)
@@ -403,8 +398,8 @@ def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params
     if start:
         params_like, train_like = _split_state(state)
         sh_params, sh_train = _split_state(state_sh)
-        params, train, _ = ckpt.restore(start, _like(params_like, sh_params),
-                                        _like(train_like, sh_train))
+        params, train, _ = ckpt.restore(start, sharding.abstract_like(params_like, sh_params),
+                                        sharding.abstract_like(train_like, sh_train))
         state = _join_state(params, train)
     # The bar says which of the main job's two PPO runs this is.
     writer = MetricsWriter(workdir, "ppo", total_steps=iterations,

@@ -211,6 +211,22 @@ def test_all_tied_and_empty_responses_are_skipped_and_counted():
     # The noiseless labeler is the gold labeler: the two -1 responses tie.
     assert records[1]["ranks"] == [0, 1, 1]
     assert stats["gold_agree"] == stats["gold_pairs"] == 3
+    assert records[1]["finished"] == [True, True, False]
+
+
+def test_finished_flags_give_the_rm_the_labelers_gold_scores():
+    """Identical strings, one of them cut at the limit, share one score (the
+    lowest) and so one flag: the RM's gold accuracy then scores the record's
+    responses exactly as collect's labeler did."""
+    from rlhf_jax.trainers import reward
+    prompts = ["What is 2 plus 3?"]
+    groups = [[("5", True), ("5", False), ("4", True), ("5", True)]]
+    scores = collect.score_groups(prompts, groups)
+    np.testing.assert_array_equal(scores[0], [-1.0, -1.0, 0.0, -1.0])
+    records, _ = collect.rank_groups(prompts, ["add"], groups, scores, np.random.default_rng(0),
+                                     noise_scale=0.0)
+    assert records[0]["finished"] == [False, False, True, False]
+    np.testing.assert_array_equal(reward.gold_scores(records[0], 4), scores[0])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -289,8 +289,13 @@ def rank_groups(prompts, categories, groups, scores, rng: np.random.Generator,
         both = (d_lab != 0) & (d_gold != 0) & upper
         stats["gold_pairs"] += int(both.sum())
         stats["gold_agree"] += int((both & (d_lab == d_gold)).sum())
+        # Identical strings share one flag, as score_groups gives them one
+        # (the lowest) score: unfinished if any copy was cut at the limit.
+        finished: dict[str, bool] = {}
+        for text, done in group:
+            finished[text] = finished.get(text, True) and bool(done)
         record = {"prompt": prompt, "responses": texts, "ranks": [int(r) for r in ranks],
-                  "finished": [bool(group[j][1]) for j in keep]}
+                  "finished": [finished[text] for text in texts]}
         if sources is not None:
             record["sources"] = [sources[i][j] for j in keep]
         record["category"] = category

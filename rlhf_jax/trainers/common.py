@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import checkpoint, sharding
-from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.errors import ConfigError, Preempted  # noqa: F401  (stages raise them as common.*)
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import presets, pretrained
@@ -76,10 +75,7 @@ def stage_model(config, head: str = "lm", from_checkpoint: str = ""):
 
 
 def tokenizer_from_meta(meta: dict):
-    spec = meta.get("tokenizer", "byte")
-    if spec in ("", "byte"):
-        return tokenizers.ByteTokenizer()
-    return pretrained.build_tokenizer({"tokenizer": spec})
+    return pretrained.build_tokenizer(meta.get("tokenizer", "byte"))
 
 
 def model_meta(cfg: ModelConfig, tokenizer_spec: str) -> dict:

@@ -11,13 +11,13 @@ Sections (workload W and the configs of BENCH.md; medians after warm-up):
            (KV cache on), 16 prompts x 32 tokens, 32 new tokens, temperature 1,
            EOS never stops; TINY and SMOL.
   ppo      PPO iteration time (rollout + scoring + update, 1 and 4 epochs) with
-           its rollout / update split: rlhf_jax.trainers.ppo (sampler,
+           its rollout / update split: rlhf_jax.stages.ppo (sampler,
            score_rollout, ppo_update) vs TRL 1.12's `trl.experimental.ppo.PPOTrainer`
            driven whole by `train()`, its phases timed by wrapping its own
            module functions (see ppo_trl).
-  rm       RM train step pairs/s: rlhf_jax.trainers.reward.train_step vs TRL's
+  rm       RM train step pairs/s: rlhf_jax.stages.rm.train_step vs TRL's
            RewardTrainer, 16 pairs x 64 tokens a step, TINY.
-  flops    LM training step (rlhf_jax.trainers.lm.train_step) FLOP/s on SMOL at
+  flops    LM training step (rlhf_jax.stages.sft.train_step) FLOP/s on SMOL at
            sequence length 512, as a fraction of this machine's matmul peak
            measured in the same run (bf16 inputs with f32 accumulation; f32 too).
   compile  compile time of the first PPO iteration and the number of XLA
@@ -84,8 +84,8 @@ from bench import common as C  # noqa: E402
 from bench import roofline  # noqa: E402
 from rlhf_jax import sampling  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
-from rlhf_jax.trainers import common as trainer_common  # noqa: E402
-from rlhf_jax.trainers import lm, ppo, reward  # noqa: E402
+from rlhf_jax.stages import common as trainer_common  # noqa: E402
+from rlhf_jax.stages import sft, ppo, rm  # noqa: E402
 
 SECTIONS = ("sampler", "ppo", "rm", "flops", "compile")
 perf = time.perf_counter
@@ -174,7 +174,7 @@ def _train_state(params, opt, seed):
 
 
 class OurPPO:
-    """One PPO iteration exactly as rlhf_jax.trainers.ppo._loop runs it (the
+    """One PPO iteration exactly as rlhf_jax.stages.ppo._loop runs it (the
     sampler, the jitted score_rollout, the jitted, donated ppo_update),
     without checkpoints and metrics files. EOS never stops (workload W)."""
 
@@ -290,7 +290,7 @@ def ppo_trl(s: C.Setup, precision: str, epochs: int, warm: int, reps: int) -> di
         gradient_checkpointing=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
     value_params = s.scalar_params()
     policy, ref = C.hf_causal_lm(s), C.hf_causal_lm(s)
-    value, rm = C.hf_scalar(s, value_params), C.hf_scalar(s, value_params)
+    value, reward_model = C.hf_scalar(s, value_params), C.hf_scalar(s, value_params)
     marks = {"gen": [], "whiten": [], "end": [], "shapes": []}
 
     orig_bg, orig_w = tp.batch_generation, tp.masked_whiten
@@ -314,7 +314,7 @@ def ppo_trl(s: C.Setup, precision: str, epochs: int, warm: int, reps: int) -> di
     tp.batch_generation, tp.masked_whiten = batch_generation, masked_whiten
     try:
         trainer = PPOTrainer(args=args, processing_class=C.hf_tokenizer(s), model=policy,
-                             ref_model=ref, reward_model=rm, train_dataset=ds, value_model=value,
+                             ref_model=ref, reward_model=reward_model, train_dataset=ds, value_model=value,
                              eval_dataset=ds, callbacks=[Marks()])
         for cb in (transformers.PrinterCallback, transformers.trainer_callback.ProgressCallback):
             trainer.remove_callback(cb)
@@ -331,7 +331,7 @@ def ppo_trl(s: C.Setup, precision: str, epochs: int, warm: int, reps: int) -> di
              for b, w, e, g in zip(starts, marks["whiten"], marks["end"], marks["gen"])]
     out = {"median": _summary(iters[warm:]), "iterations": iters[warm:],
            "first_iteration_s": iters[0]["iteration"]}
-    del trainer, policy, ref, value, rm
+    del trainer, policy, ref, value, reward_model
     C.free()
     return out
 
@@ -375,7 +375,7 @@ def rm_ours(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
              "last_index": jnp.full((C.RM_PAIRS, 2), C.RM_LEN - 1, jnp.int32),
              "ranks": jnp.asarray(np.tile([[0, 1]], (C.RM_PAIRS, 1)).astype(np.int32)),
              "valid": jnp.ones((C.RM_PAIRS, 2), bool)}
-    step = jax.jit(functools.partial(reward.train_step, model=model, optimizer=opt),
+    step = jax.jit(functools.partial(rm.train_step, model=model, optimizer=opt),
                    donate_argnums=0)
     holder = [state]
 
@@ -482,7 +482,7 @@ def bench_flops(s: C.Setup, precisions, batch, seq, warm, reps, peak) -> dict:
         model = Transformer(C.with_precision(s.cfg, prec), deterministic=False)
         opt = adamw(lr=1e-5)
         state = _train_state(jax.tree_util.tree_map(jnp.copy, s.params), opt, 0)
-        step = jax.jit(functools.partial(lm.train_step, model=model, optimizer=opt),
+        step = jax.jit(functools.partial(sft.train_step, model=model, optimizer=opt),
                        donate_argnums=0).lower(state, data).compile()
         try:
             cost = step.cost_analysis()

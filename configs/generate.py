@@ -7,7 +7,7 @@ Input lines `{"prompt"}`; output lines `{"prompt", "response"}`.
 
 The lengths fit any checkpoint by default: the prompt budget is the longest
 prompt given and the response may fill the rest of the model's context
-(rlhf_jax.trainers.generate.sampling_budget). A value set for
+(rlhf_jax.stages.generate.sampling_budget). A value set for
 `data.max_prompt_len` or `sampling.max_new_tokens` is kept,
 and an error names the keys when the values set cannot fit.
 """

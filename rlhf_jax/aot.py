@@ -164,7 +164,7 @@ def abstract_train_state(runtime, model, optimizer):
     """A TrainState of sharded ShapeDtypeStructs, as `create_train_state`
     makes it: params in their logical shardings, the optimizer state in
     `common.optimizer_shardings`."""
-    from rlhf_jax.trainers import common
+    from rlhf_jax.stages import common
     params, shardings = common._restore_target(model, runtime)
     rep = runtime.replicated()
     opt_shapes = jax.eval_shape(optimizer.init, params)
@@ -218,11 +218,11 @@ def train_flops(cfg, rows: int, length: int, head_positions: Optional[int] = Non
 # ---------------------------------------------------------------------------
 
 def supervised_steps(config, runtime, cfg) -> list[Step]:
-    """SFT / pretrain (lm.train_step) or RM (reward.train_step), jitted as
+    """SFT / pretrain (sft.train_step) or RM (rm.train_step), jitted as
     `common.compile_supervised` jits it."""
     from rlhf_jax import sharding
     from rlhf_jax.models.transformer import Transformer
-    from rlhf_jax.trainers import common, lm, reward
+    from rlhf_jax.stages import common, sft, rm
     b, l = int(config.train.batch_size), int(config.data.max_len)
     sharding.check_batch_divisible(b, runtime.mesh, "train.batch_size")
     model = Transformer(cfg, deterministic=False)
@@ -236,11 +236,11 @@ def supervised_steps(config, runtime, cfg) -> list[Step]:
                  "last_index": _batch(mesh, jnp.int32, b, k),
                  "ranks": _batch(mesh, jnp.int32, b, k),
                  "valid": _batch(mesh, jnp.bool_, b, k)}
-        fn, flops = reward.train_step, train_flops(cfg, b * k, l)
+        fn, flops = rm.train_step, train_flops(cfg, b * k, l)
     else:
         batch = {k: _batch(mesh, dt, b, l) for k, dt in
                  (("tokens", jnp.int32), ("attn_mask", jnp.int32), ("loss_mask", jnp.float32))}
-        fn, flops = lm.train_step, train_flops(cfg, b, l)
+        fn, flops = sft.train_step, train_flops(cfg, b, l)
     sh = _shardings(state)
     step = jax.jit(functools.partial(fn, model=model, optimizer=optimizer),
                    in_shardings=(sh, None), out_shardings=(sh, None), donate_argnums=0)
@@ -249,12 +249,12 @@ def supervised_steps(config, runtime, cfg) -> list[Step]:
 
 def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     """PPO's rollout (`sampling.sample`), `score_rollout` and `ppo_update`,
-    jitted as `trainers.ppo.run` jits them, with the iteration's resident
+    jitted as `stages.ppo.run` jits them, with the iteration's resident
     state: policy and value TrainStates, reference and reward params."""
     from rlhf_jax import sampling, sharding
     from rlhf_jax.models import pretrained
     from rlhf_jax.models.transformer import Transformer
-    from rlhf_jax.trainers import common, ppo
+    from rlhf_jax.stages import common, ppo
     hp = ppo._hp(config)
     t = config.train
     b, p, n = int(t.batch_size), int(config.data.max_prompt_len), int(config.ppo.max_new_tokens)
@@ -362,7 +362,7 @@ def compile_step(step: Step) -> dict:
 
 
 def stage_steps(config, runtime) -> list[Step]:
-    from rlhf_jax.trainers import common
+    from rlhf_jax.stages import common
     stage = config.stage
     if stage in ("pretrain", "sft", "rm"):
         head = "scalar" if stage == "rm" else "lm"
@@ -378,7 +378,7 @@ def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[
     """Compiles each step of `config.stage` for `topo` (or on `devices`);
     one record per step: bytes per device, HBM, fits, FLOPs."""
     from rlhf_jax.models.transformer import Transformer, count_params
-    from rlhf_jax.trainers import common
+    from rlhf_jax.stages import common
     if config.model.get("pretrained"):
         raise common.ConfigError("aot compiles from shapes: use model.preset or the architecture "
                                  "fields instead of model.pretrained")
@@ -410,7 +410,7 @@ def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[
     records = []
     # Abstract arguments outside the mesh context (under it, even an eager
     # PRNGKey would be placed on the compile-only devices); lowering inside
-    # it, as the trainers do, so the models' activation constraints apply.
+    # it, as the stages do, so the models' activation constraints apply.
     steps = [s for s in stage_steps(config, runtime) if not only or s.name in only]
     for step in steps:
         with runtime.activations():

@@ -56,12 +56,12 @@ def main(argv):
     from rlhf_jax import console
     console.configure(_VERBOSE.value)       # before anything logs
     import jax
-    from rlhf_jax import distributed, errors, trainers
+    from rlhf_jax import distributed, errors, stages
 
     distributed.initialize()
     console.configure(_VERBOSE.value, primary=jax.process_index() == 0)
     with errors.reported():
-        trainers.run(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+        stages.run(_CONFIG.value, os.path.abspath(_WORKDIR.value))
 
 
 if __name__ == "__main__":

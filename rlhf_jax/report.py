@@ -3,7 +3,7 @@ win-rate figure, PPO training curves and sample responses.
 
     path = write_report(workdir, eval_json, samples, ppo_workdirs={"ppo_ptx": DIR})
 
-`eval_json` is what trainers.evaluate writes to eval.json (`reference`,
+`eval_json` is what stages.evaluate writes to eval.json (`reference`,
 `policies` {name: metrics}, `settings`); `samples` are the samples.jsonl rows
 (`policy`, `prompt`, `category`, `response`, `finished`, `gold_score`). PNG
 figures are written beside report.md with matplotlib's object-oriented API

@@ -12,7 +12,7 @@ def load_config(name: str, arg: str = "tiny", **overrides):
     """configs/<name>.py:<arg> with dotted overrides, e.g. {"train.steps": 4}."""
     import importlib
     mod = importlib.import_module(f"configs.{name}")
-    from rlhf_jax.trainers.common import override
+    from rlhf_jax.stages.common import override
     return override(mod.get_config(arg), **overrides)
 
 
@@ -57,7 +57,7 @@ def run_interrupted(monkeypatch, config, workdir: str, step: int, only=lambda lo
     `only(loader)` picks which loaders die, e.g. not PPO's ptx loader), as a
     kill between two steps would, then puts the loader back."""
     import pytest
-    from rlhf_jax import trainers
+    from rlhf_jax import stages
     from rlhf_jax.data import pipeline
     original = pipeline.BatchLoader.batch
 
@@ -68,7 +68,7 @@ def run_interrupted(monkeypatch, config, workdir: str, step: int, only=lambda lo
 
     monkeypatch.setattr(pipeline.BatchLoader, "batch", dying)
     with pytest.raises(Interrupted):
-        trainers.run(config, workdir)
+        stages.run(config, workdir)
     monkeypatch.setattr(pipeline.BatchLoader, "batch", original)
 
 
@@ -80,7 +80,7 @@ def reward_model_from(sft_dir: str, dest: str, tokenizer: str = "") -> str:
     import jax
     from rlhf_jax import checkpoint
     from rlhf_jax.models.transformer import ModelConfig, Transformer
-    from rlhf_jax.trainers import common
+    from rlhf_jax.stages import common
     meta = checkpoint.read_meta(sft_dir)
     cfg = ModelConfig(**{**meta["model"], "head": "scalar"})
     import flax.linen as nn

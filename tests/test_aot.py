@@ -8,7 +8,7 @@ from configs import sft as sft_config
 from rlhf_jax import aot
 from rlhf_jax.models import presets
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.trainers import common
+from rlhf_jax.stages import common
 
 GiB = aot.GiB
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from helpers import load_config, world_demos
-from rlhf_jax import trainers
+from rlhf_jax import stages
 from rlhf_jax.assets import world_base_path
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.trainers import collect
-from rlhf_jax.trainers.common import ConfigError, override
+from rlhf_jax.stages import collect
+from rlhf_jax.stages.common import ConfigError, override
 from rlhf_jax.world import gold
 
 MIX = (("sft", "init_from", 2), ("base", "base", 2))
@@ -34,7 +34,7 @@ def sft_workdir(tmp_path_factory):
     cfg.data.data_dir = str(root / "tfds")
     cfg.train.update(dict(steps=6, batch_size=16, lr=1e-3, warmup_steps=1, eval_every=6,
                           eval_batches=1, checkpoint_every=6, log_every=3))
-    trainers.run(cfg, str(root / "sft"))
+    stages.run(cfg, str(root / "sft"))
     return root
 
 
@@ -72,7 +72,7 @@ def _finished_by_length(response):
 @pytest.fixture(scope="module")
 def collected(sft_workdir):
     workdir = sft_workdir / "collect"
-    summary = trainers.run(_collect_config(sft_workdir), str(workdir))
+    summary = stages.run(_collect_config(sft_workdir), str(workdir))
     return workdir, summary
 
 
@@ -151,23 +151,23 @@ def test_ranks_follow_the_gold_order_more_often_than_not(collected):
 def test_deterministic_given_seed_and_rerun_is_a_noop(collected, sft_workdir, monkeypatch):
     workdir, summary = collected
     again = sft_workdir / "collect_again"
-    trainers.run(_collect_config(sft_workdir), str(again))
+    stages.run(_collect_config(sft_workdir), str(again))
     for name in (collect.COMPARISONS, collect.COMPARISONS_EVAL):
         assert _lines(os.path.join(workdir, name)) == _lines(os.path.join(again, name))
 
     other = sft_workdir / "collect_seed1"
-    trainers.run(_collect_config(sft_workdir, seed=1), str(other))
+    stages.run(_collect_config(sft_workdir, seed=1), str(other))
     assert (_lines(os.path.join(workdir, collect.COMPARISONS))
             != _lines(os.path.join(other, collect.COMPARISONS)))
 
     # A finished collect does nothing when run again with the same settings...
     _forbid_sampling(monkeypatch)
     mtime = os.path.getmtime(os.path.join(workdir, collect.COMPARISONS))
-    assert trainers.run(_collect_config(sft_workdir), str(workdir)) == summary
+    assert stages.run(_collect_config(sft_workdir), str(workdir)) == summary
     assert os.path.getmtime(os.path.join(workdir, collect.COMPARISONS)) == mtime
     # ... and refuses other settings instead of mixing them.
     with pytest.raises(ConfigError, match="other settings"):
-        trainers.run(_collect_config(sft_workdir, **{"collect.policies": (("sft", "init_from", 3),
+        stages.run(_collect_config(sft_workdir, **{"collect.policies": (("sft", "init_from", 3),
                                                                           ("base", "base", 2))}),
                      str(workdir))
 
@@ -183,14 +183,14 @@ def test_a_moved_pipeline_workdir_is_still_finished(collected, sft_workdir, tmp_
     shutil.copytree(sft_workdir / "tfds", moved / "tfds")
 
     _forbid_sampling(monkeypatch)
-    assert trainers.run(_collect_config(moved), str(moved / "collect")) == summary
+    assert stages.run(_collect_config(moved), str(moved / "collect")) == summary
     # A policy at neither the recorded path nor the recorded relative place
     # is another policy.
     shutil.copytree(moved / "sft", tmp_path / "elsewhere" / "sft")
     cfg = _collect_config(moved)
     cfg.init_from = str(tmp_path / "elsewhere" / "sft")
     with pytest.raises(ConfigError, match="differing: policies"):
-        trainers.run(cfg, str(moved / "collect"))
+        stages.run(cfg, str(moved / "collect"))
 
 
 def test_all_tied_and_empty_responses_are_skipped_and_counted():
@@ -218,7 +218,7 @@ def test_finished_flags_give_the_rm_the_labelers_gold_scores():
     """Identical strings, one of them cut at the limit, share one score (the
     lowest) and so one flag: the RM's gold accuracy then scores the record's
     responses exactly as collect's labeler did."""
-    from rlhf_jax.trainers import reward
+    from rlhf_jax.stages import rm
     prompts = ["What is 2 plus 3?"]
     groups = [[("5", True), ("5", False), ("4", True), ("5", True)]]
     scores = collect.score_groups(prompts, groups)
@@ -226,7 +226,7 @@ def test_finished_flags_give_the_rm_the_labelers_gold_scores():
     records, _ = collect.rank_groups(prompts, ["add"], groups, scores, np.random.default_rng(0),
                                      noise_scale=0.0)
     assert records[0]["finished"] == [False, False, True, False]
-    np.testing.assert_array_equal(reward.gold_scores(records[0], 4), scores[0])
+    np.testing.assert_array_equal(rm.gold_scores(records[0], 4), scores[0])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -238,7 +238,7 @@ def test_finished_flags_give_the_rm_the_labelers_gold_scores():
 ])
 def test_bad_settings_are_clear_errors(sft_workdir, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        trainers.run(_collect_config(sft_workdir, **override), str(tmp_path / "c"))
+        stages.run(_collect_config(sft_workdir, **override), str(tmp_path / "c"))
 
 
 @pytest.mark.parametrize("key", ["collect.num_prompts", "collect.num_eval_prompts"])
@@ -246,4 +246,4 @@ def test_too_few_prompts_fails_before_any_sampling_naming_the_key(sft_workdir, t
                                                                   monkeypatch, key):
     _forbid_sampling(monkeypatch)
     with pytest.raises(ConfigError, match=f"fewer than the 100000 asked for; lower {key}$"):
-        trainers.run(_collect_config(sft_workdir, **{key: 100_000}), str(tmp_path / "c"))
+        stages.run(_collect_config(sft_workdir, **{key: 100_000}), str(tmp_path / "c"))

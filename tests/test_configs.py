@@ -41,7 +41,7 @@ def test_config_loads(path, monkeypatch):
     for arg in _variants(path):
         cfg = mod.get_config(arg)
         assert cfg.stage, f"{path}:{arg} has no stage"
-        from rlhf_jax.trainers import STAGES
+        from rlhf_jax.stages import STAGES
         assert cfg.stage in STAGES
         # Locked configs reject misspelled keys.
         cfg.lock()

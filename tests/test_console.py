@@ -8,7 +8,7 @@ import sys
 
 from helpers import ROOT, world_demos
 from rlhf_jax import console
-from rlhf_jax.trainers import pipeline
+from rlhf_jax.stages import instructgpt
 
 MICRO = ["--config.model.hidden=32", "--config.model.layers=1", "--config.model.heads=2",
          "--config.model.kv_heads=1", "--config.model.intermediate=64",
@@ -91,7 +91,7 @@ def test_eval_table_has_every_policy_and_column():
 def test_pipeline_prints_the_table_and_the_report_path(tmp_path, capsys):
     import json
     (tmp_path / "eval.json").write_text(json.dumps(EVAL_JSON))
-    pipeline.print_results(str(tmp_path))
+    instructgpt.print_results(str(tmp_path))
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == console.eval_table(EVAL_JSON)
     assert lines[-1] == f"report: {tmp_path / 'report.md'}"

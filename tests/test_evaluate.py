@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from helpers import load_config, micro_model, world_demos, write_jsonl
-from rlhf_jax import checkpoint, report, trainers, world
+from rlhf_jax import checkpoint, report, stages, world
 from rlhf_jax.metrics import MetricsWriter, read_metrics
-from rlhf_jax.trainers import evaluate
-from rlhf_jax.trainers.common import ConfigError
+from rlhf_jax.stages import evaluate
+from rlhf_jax.stages.common import ConfigError
 from rlhf_jax.world import datasets
 
 
@@ -160,7 +160,7 @@ def evaluated(tmp_path_factory):
     sft.data.path = world_demos(tmp / "demos.jsonl", n=32)
     sft.data.data_dir = data_dir
     sft.train.update(dict(steps=0, batch_size=8))
-    trainers.run(sft, str(tmp / "sft"))
+    stages.run(sft, str(tmp / "sft"))
     _perturbed_copy(str(tmp / "sft"), str(tmp / "base"), seed=1)
 
     ppo_dir = str(tmp / "ppo")          # a PPO workdir's metrics, for the curves
@@ -183,7 +183,7 @@ def evaluated(tmp_path_factory):
     cfg.fewshot_policy = "base"
     cfg.ppo_workdirs = ml_collections.ConfigDict(dict(ppo_ptx=ppo_dir))
     workdir = str(tmp / "eval")
-    returned = trainers.run(cfg, workdir)
+    returned = stages.run(cfg, workdir)
     return workdir, returned
 
 

@@ -3,8 +3,8 @@ context where the config leaves it 0, kept where set, and a one-line error
 naming the keys where the values set cannot fit."""
 import pytest
 
-from rlhf_jax.trainers.common import ConfigError
-from rlhf_jax.trainers.generate import prompt_limit, sampling_budget
+from rlhf_jax.stages.common import ConfigError
+from rlhf_jax.stages.generate import prompt_limit, sampling_budget
 
 
 def test_derived_budget_fits_the_longest_prompt_and_the_rest_of_the_context():

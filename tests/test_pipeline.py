@@ -5,7 +5,7 @@ import os
 import re
 
 from helpers import load_config
-from rlhf_jax import trainers
+from rlhf_jax import stages
 
 DESIGN_KEYS = {"gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_rate", "kl_vs_sft",
                "pretrain_loss", "per_category"}
@@ -21,7 +21,7 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     cfg.sft.train.steps = 10
     cfg.ppo.train.steps = 2
     workdir = str(tmp_path / "igpt")
-    trainers.run(cfg, workdir)
+    stages.run(cfg, workdir)
     first_out = capsys.readouterr().out
 
     with open(os.path.join(workdir, "eval.json")) as f:
@@ -57,6 +57,6 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     assert [row.split()[0] for row in tail[1:-1]] == list(policies)
     assert tail[-1] == f"report: {os.path.join(workdir, 'report.md')}"
 
-    trainers.run(cfg, workdir)
+    stages.run(cfg, workdir)
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 7, out

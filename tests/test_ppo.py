@@ -12,11 +12,11 @@ import pytest
 
 from helpers import (ROOT, assert_trees_equal, load_config, micro_model, reward_model_from,
                      run_interrupted, world_demos)
-from rlhf_jax import checkpoint, sampling, trainers
+from rlhf_jax import checkpoint, sampling, stages
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
-from rlhf_jax.trainers import ppo
-from rlhf_jax.trainers.common import override
+from rlhf_jax.stages import ppo
+from rlhf_jax.stages.common import override
 
 CFG = ModelConfig(vocab_size=40, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=48,
                   max_len=32)
@@ -134,7 +134,7 @@ def sft_workdir(tmp_path_factory):
     cfg.data.path = world_demos(tmp / "demos.jsonl", n=128)
     cfg.data.data_dir = str(tmp / "tfds")
     cfg.train.update(dict(steps=8, batch_size=8, checkpoint_every=8, eval_every=8, eval_batches=1))
-    trainers.run(cfg, str(tmp / "sft"))
+    stages.run(cfg, str(tmp / "sft"))
     return str(tmp / "sft")
 
 
@@ -156,7 +156,7 @@ def _ppo_config(sft, rm=None, **kw):
 def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, monkeypatch):
     """Resume covers the whole PPO state: both optimizers, KL controller, EMA."""
     cfg = _ppo_config(sft_workdir, **{"ppo.ema_decay": 0.9, "ppo.adaptive_kl": True})
-    trainers.run(cfg, str(tmp_path / "full"))
+    stages.run(cfg, str(tmp_path / "full"))
     rows = read_metrics(str(tmp_path / "full"), "ppo")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("score", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac",
@@ -170,7 +170,7 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, m
 
     run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=3,
                     only=lambda loader: loader.batch_size == cfg.train.batch_size)
-    trainers.run(cfg, str(tmp_path / "resumed"))
+    stages.run(cfg, str(tmp_path / "resumed"))
     assert_trees_equal(checkpoint.load_saved_params(str(tmp_path / "full")),
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
 
@@ -183,7 +183,7 @@ def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, 
                                       "ppo.missing_eos_penalty": 2.0, "ppo.kl_coef": 0.0,
                                       "ppo.gold_eval": False, "ppo.value_lr": 1e-2,
                                       "train.lr": 3e-3, "train.batch_size": 16})
-    trainers.run(cfg, str(tmp_path / "ppo"))
+    stages.run(cfg, str(tmp_path / "ppo"))
     eos = [r["ppo/eos_rate"] for r in read_metrics(str(tmp_path / "ppo"), "ppo")]
     assert np.mean(eos[-5:]) > np.mean(eos[:5]) + 0.2, eos
 
@@ -206,7 +206,7 @@ def test_cli_ppo_without_checkpoints_says_what_it_needs(tmp_path):
 def _update_fixture(hp, seed=0):
     """A one-minibatch update's inputs on the micro model: state, rollout, ptx."""
     import optax
-    from rlhf_jax.trainers import common
+    from rlhf_jax.stages import common
     scalar = CFG.replace(head="scalar")
     models = ppo.Models(policy=Transformer(CFG), value=Transformer(scalar), reward=Transformer(scalar))
     opt = optax.adam(1e-3)
@@ -297,10 +297,10 @@ def test_ema_follows_every_optimizer_update_bias_corrected():
 
 
 def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workdir, tmp_path):
-    from rlhf_jax.trainers.common import ConfigError
+    from rlhf_jax.stages.common import ConfigError
     # An SFT checkpoint's scalar head would be fresh: every reward 0.
     with pytest.raises(ConfigError, match="not a reward model"):
-        trainers.run(_ppo_config(sft_workdir, rm=sft_workdir), str(tmp_path / "a"))
+        stages.run(_ppo_config(sft_workdir, rm=sft_workdir), str(tmp_path / "a"))
     # An RM whose tokenizer is another one reads the policy's ids as other text.
     from tokenizers import Tokenizer, models as tok_models
     tok_dir = tmp_path / "tok"
@@ -309,14 +309,14 @@ def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workd
         str(tok_dir / "tokenizer.json"))
     other = reward_model_from(sft_workdir, str(tmp_path / "rm_other"), tokenizer=str(tok_dir))
     with pytest.raises(ConfigError, match="another tokenizer"):
-        trainers.run(_ppo_config(sft_workdir, rm=other), str(tmp_path / "b"))
+        stages.run(_ppo_config(sft_workdir, rm=other), str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("key, value", [("ppo.top_k", 5), ("ppo.top_p", 0.9)])
 def test_filtered_sampling_is_refused(sft_workdir, rm_workdir, tmp_path, key, value):
-    from rlhf_jax.trainers.common import ConfigError
+    from rlhf_jax.stages.common import ConfigError
     with pytest.raises(ConfigError, match="full softmax"):
-        trainers.run(_ppo_config(sft_workdir, **{key: value}), str(tmp_path / "p"))
+        stages.run(_ppo_config(sft_workdir, **{key: value}), str(tmp_path / "p"))
 
 
 def test_adaptive_kl_horizon_moves_beta_within_the_main_jobs_run():

@@ -250,13 +250,13 @@ def test_import_as_checkpoint_feeds_every_stage(tmp_path, bpe):
     """The pipeline's import step: a pretrained model written as a params-only
     checkpoint; a stage loading it (init_from) gets the same architecture,
     tokenizer and logits as load_pretrained."""
-    from rlhf_jax.trainers import common, generate, pipeline
+    from rlhf_jax.stages import common, generate, instructgpt
     from helpers import load_config
     model, params = _random_model(LLAMA)
     save_pretrained(model, params, tmp_path / "hf", tokenizer=_our_tokenizer(bpe))
     assert pretrained.is_pretrained_spec(str(tmp_path / "hf"))
     assert not pretrained.is_pretrained_spec(str(tmp_path))
-    pipeline.import_pretrained(str(tmp_path / "hf"), str(tmp_path / "base"))
+    instructgpt.import_pretrained(str(tmp_path / "hf"), str(tmp_path / "base"))
     assert checkpoint.read_meta(tmp_path / "base")["tokenizer"] == str(tmp_path / "hf")
     cfg = load_config("generate", "")
     runtime = common.Runtime(cfg)

@@ -197,10 +197,10 @@ def _shell(command: str, cwd, env, timeout: int = 300) -> subprocess.CompletedPr
 # runs it, and prints what it would have run.
 _PARSE_DRIVER = """
 import json, runpy, sys
-from rlhf_jax import trainers
+from rlhf_jax import stages
 def record(config, workdir):
     print("PARSED " + json.dumps({"workdir": workdir, "config": config.to_json_best_effort()}))
-trainers.run = record
+stages.run = record
 sys.argv = ["rlhf_jax.main"] + sys.argv[1:]
 runpy.run_module("rlhf_jax.main", run_name="__main__", alter_sys=True)
 """

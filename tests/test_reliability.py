@@ -368,7 +368,7 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     """The real `ppo._loop` around tiny stand-ins for sampling, scoring and
     the update, so its preemption, resume and guard run in a second."""
     from rlhf_jax import sampling
-    from rlhf_jax.trainers import common, ppo
+    from rlhf_jax.stages import common, ppo
 
     cfg = load_config("ppo", "tiny")
     cfg.ppo.gold_eval = False
@@ -418,7 +418,7 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
 
 def test_ppo_preemption_by_sigterm_or_orbax_notice_resumes_exactly(tmp_path, monkeypatch, capsys):
     from orbax.checkpoint import multihost
-    from rlhf_jax.trainers import common
+    from rlhf_jax.stages import common
 
     reference = _ppo_pieces(monkeypatch)(str(tmp_path / "full"))
 

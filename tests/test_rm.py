@@ -13,14 +13,14 @@ import pytest
 
 from helpers import (assert_trees_equal, load_config, micro_model, run_interrupted, world_demos,
                      write_jsonl)
-from rlhf_jax import checkpoint, sharding, trainers
+from rlhf_jax import checkpoint, sharding, stages
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data.jsonl import DataError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt, encode_response
-from rlhf_jax.trainers import common, reward
-from rlhf_jax.trainers.common import override
+from rlhf_jax.stages import common, rm
+from rlhf_jax.stages.common import override
 from rlhf_jax.world import datasets, gold, labelers, tasks
 
 MICRO = ModelConfig(vocab_size=264, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
@@ -125,7 +125,7 @@ def sft_dir(tmp_path_factory):
                  "data.data_dir": str(root / "tfds"), "train.steps": 4, "train.batch_size": 8,
                  "train.warmup_steps": 1, "train.eval_every": 4, "train.eval_batches": 1,
                  "train.checkpoint_every": 4, "train.log_every": 2})
-    trainers.run(cfg, str(root / "sft"))
+    stages.run(cfg, str(root / "sft"))
     return {"workdir": str(root / "sft"), "demos": cfg.data.path, "data_dir": cfg.data.data_dir}
 
 
@@ -147,7 +147,7 @@ def rm_run(sft_dir, tmp_path_factory):
     train = write_jsonl(root / "comparisons.jsonl", world_comparisons(N_TRAIN, 0, "train") + BAD_LINES)
     heldout = write_jsonl(root / "heldout.jsonl", world_comparisons(N_EVAL, 1, "heldout"))
     cfg = _rm_config(sft_dir, train, heldout, **{"data.drop_invalid": True})
-    trainers.run(cfg, str(root / "rm"))
+    stages.run(cfg, str(root / "rm"))
     return {"config": cfg, "workdir": str(root / "rm")}
 
 
@@ -191,8 +191,8 @@ def test_batch_loss_equals_numpy_loop_over_pairs():
 
     @jax.jit
     def loss_and_rewards(params, batch):
-        loss, stats = reward.rm_loss_on_batch(params, model, batch)
-        return loss, stats, reward.rewards_on_batch(params, model, batch)
+        loss, stats = rm.rm_loss_on_batch(params, model, batch)
+        return loss, stats, rm.rewards_on_batch(params, model, batch)
 
     loss, stats, rewards_BxK = loss_and_rewards(params, batch)
     assert np.all(np.isfinite(rewards_BxK)), "padding slots (fully masked rows) must stay finite"
@@ -223,7 +223,7 @@ def test_one_forward_pass_of_B_times_K_rows():
     batch = pipeline.stack([preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in RECORDS])
     counting = CountingModel(Transformer(MICRO))
     # Tracing the loss and its gradient calls the model exactly as training does.
-    jax.eval_shape(jax.value_and_grad(lambda p: reward.rm_loss_on_batch(p, counting, batch)[0]),
+    jax.eval_shape(jax.value_and_grad(lambda p: rm.rm_loss_on_batch(p, counting, batch)[0]),
                    params)
     b, k_max = 3, 4
     assert counting.calls == [(b * k_max, MAX_LEN)]  # K forward passes per prompt, in one call
@@ -278,7 +278,7 @@ def test_bias_normalised_on_demonstrations_once(rm_run):
     assert abs(float(np.mean(np.asarray(scores_NxL)[np.arange(len(demos)), last]))) < 1e-3
 
     # Re-running the finished stage restores it and changes nothing.
-    trainers.run(cfg, workdir)
+    stages.run(cfg, workdir)
     again, meta_again, step_again = _final(workdir)
     assert step_again == step and meta_again == meta
     assert_trees_equal(params, again)
@@ -291,7 +291,7 @@ def test_resume_is_bit_identical(rm_run, tmp_path, monkeypatch):
     run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=40)
     _, meta, step = _final(str(tmp_path / "resumed"))
     assert step == 32 and "bias_normalized" not in meta  # mid-run checkpoints are not normalised
-    trainers.run(cfg, str(tmp_path / "resumed"))
+    stages.run(cfg, str(tmp_path / "resumed"))
 
     full, meta_full, _ = _final(rm_run["workdir"])
     resumed, meta_resumed, _ = _final(str(tmp_path / "resumed"))
@@ -323,7 +323,7 @@ def test_bad_input_names_file_and_line(sft_dir, tmp_path, bad, message):
     path = write_jsonl(tmp_path / "comparisons.jsonl", [GOOD, GOOD, bad, GOOD])
     cfg = _rm_config(sft_dir, path, eval_path=path)
     with pytest.raises(DataError) as e:
-        trainers.run(cfg, str(tmp_path / "rm"))
+        stages.run(cfg, str(tmp_path / "rm"))
     assert "comparisons.jsonl:3" in str(e.value) and message in str(e.value), str(e.value)
     assert not os.path.exists(tmp_path / "rm" / "checkpoints")
 
@@ -331,10 +331,10 @@ def test_bad_input_names_file_and_line(sft_dir, tmp_path, bad, message):
 def test_config_derives_one_epoch_and_rejects_unknown_variant():
     cfg = load_config("rm", "")
     assert cfg.stage == "rm" and cfg.data.k_max == 9 and cfg.train.steps == 0
-    assert reward.train_steps(cfg, 33_000) == math.ceil(33_000 / cfg.train.batch_size)
+    assert rm.train_steps(cfg, 33_000) == math.ceil(33_000 / cfg.train.batch_size)
     cfg.train.steps = 7
-    assert reward.train_steps(cfg, 33_000) == 7
+    assert rm.train_steps(cfg, 33_000) == 7
     with pytest.raises(ValueError):
         load_config("rm", "huge")
     with pytest.raises(common.ConfigError):
-        reward.check_config(_set(load_config("rm", "tiny"), **{"init_from": ""}))
+        rm.check_config(_set(load_config("rm", "tiny"), **{"init_from": ""}))

@@ -10,8 +10,8 @@ import pytest
 
 from helpers import (ROOT, assert_trees_equal, load_config, micro_model, run_interrupted,
                      world_demos, write_jsonl)
-from rlhf_jax import checkpoint, trainers
-from rlhf_jax.trainers.common import override
+from rlhf_jax import checkpoint, stages
+from rlhf_jax.stages.common import override
 from rlhf_jax.metrics import read_metrics
 
 
@@ -27,7 +27,7 @@ def _sft_config(data_path, **kw):
 def test_sft_loss_falls_and_generate_answers(tmp_path):
     demos = world_demos(tmp_path / "demos.jsonl", n=256)
     cfg = _sft_config(demos, **{"train.steps": 24, "train.eval_every": 8})
-    trainers.run(cfg, str(tmp_path / "sft"))
+    stages.run(cfg, str(tmp_path / "sft"))
     rows = read_metrics(str(tmp_path / "sft"), "sft")
     evals = [r["sft/eval_loss"] for r in rows if "sft/eval_loss" in r]
     train = [r["sft/loss"] for r in rows if "sft/loss" in r]
@@ -46,7 +46,7 @@ def test_sft_loss_falls_and_generate_answers(tmp_path):
     gen.output = str(tmp_path / "out.jsonl")
     gen.sampling.max_new_tokens = 8
     gen.batch_size = 8
-    trainers.run(gen, str(tmp_path / "gen"))
+    stages.run(gen, str(tmp_path / "gen"))
     out = [json.loads(l) for l in open(gen.output)]
     assert [o["prompt"] for o in out] == ["What is 2 plus 3?", "Spell 'cat' backwards.",
                                           "Is 7 even or odd?"]
@@ -56,20 +56,20 @@ def test_sft_loss_falls_and_generate_answers(tmp_path):
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     demos = world_demos(tmp_path / "demos.jsonl", n=128)
     cfg = _sft_config(demos)
-    trainers.run(cfg, str(tmp_path / "full"))
+    stages.run(cfg, str(tmp_path / "full"))
 
     # Kill the second run after step 6 (checkpoints at 4, 8, ...), then rerun.
     run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=6)
     assert checkpoint.resolve(str(tmp_path / "resumed"))[1] == 4
-    trainers.run(cfg, str(tmp_path / "resumed"))
+    stages.run(cfg, str(tmp_path / "resumed"))
 
     assert_trees_equal(checkpoint.load_saved_params(str(tmp_path / "full")),
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
     # A workdir whose checkpoint is past train.steps (made by a longer run)
     # is refused instead of being called finished without its end.
-    from rlhf_jax.trainers.common import ConfigError
+    from rlhf_jax.stages.common import ConfigError
     with pytest.raises(ConfigError, match="past train.steps=4"):
-        trainers.run(override(cfg, **{"train.steps": 4}), str(tmp_path / "full"))
+        stages.run(override(cfg, **{"train.steps": 4}), str(tmp_path / "full"))
 
 
 def test_sharded_run_equals_single_device(tmp_path):
@@ -79,7 +79,7 @@ def test_sharded_run_equals_single_device(tmp_path):
                        ("eight", dict(data=1, fsdp=4, tensor=2))]:
         cfg = _sft_config(demos, **{"train.steps": 6, "train.log_every": 1})
         cfg.mesh.update(mesh)
-        trainers.run(cfg, str(tmp_path / name))
+        stages.run(cfg, str(tmp_path / name))
         losses[name] = [r["sft/loss"] for r in read_metrics(str(tmp_path / name), "sft")
                         if "sft/loss" in r]
     assert len(losses["one"]) == 6

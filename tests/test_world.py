@@ -429,7 +429,7 @@ def _base_model_responses(n_per_category: int, greedy: bool):
 
     from helpers import load_config
     from rlhf_jax.assets import world_base_path
-    from rlhf_jax.trainers import common, generate
+    from rlhf_jax.stages import common, generate
 
     cfg = load_config("generate", "")
     cfg.sampling.update(dict(greedy=greedy, temperature=1.0, max_new_tokens=40))

@@ -10,7 +10,7 @@ project's record formats (DESIGN.md, JSONL inputs), plus a `category` field:
     eval_prompts        {"prompt", "category"}              held-out evaluation
 
 Comparisons are not here: they need the SFT policy's samples, so the
-pipeline's collect step makes them (rlhf_jax.trainers.collect, with the
+pipeline's collect step makes them (rlhf_jax.stages.collect, with the
 simulated labelers of labelers.py) on `comparison_prompts`.
 
 Categories are drawn uniformly. InstructGPT's API distribution is skewed

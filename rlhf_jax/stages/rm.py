@@ -40,7 +40,7 @@ from rlhf_jax import checkpoint, losses
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.trainers import common, data_setup
+from rlhf_jax.stages import common, data_setup
 from rlhf_jax.world.gold import gold_score
 
 # Records read to estimate the ranked pairs per prompt (for rm/pairs_per_s).

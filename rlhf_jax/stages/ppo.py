@@ -50,7 +50,7 @@ from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import preprocess
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.trainers import common, data_setup
+from rlhf_jax.stages import common, data_setup
 
 
 @flax.struct.dataclass

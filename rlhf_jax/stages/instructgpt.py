@@ -15,8 +15,8 @@ import time
 
 import jax
 
-from rlhf_jax import console, trainers
-from rlhf_jax.trainers.common import override
+from rlhf_jax import console, stages
+from rlhf_jax.stages.common import override
 
 
 def _stage_config(config, name: str, **paths):
@@ -38,7 +38,7 @@ def import_pretrained(spec: str, dest: str) -> str:
     as `spec` and rebuilt from it."""
     from rlhf_jax import checkpoint
     from rlhf_jax.models import pretrained
-    from rlhf_jax.trainers.common import model_meta
+    from rlhf_jax.stages.common import model_meta
     cfg, _, params = pretrained.load_for_config(spec)
     return checkpoint.write_params(dest, 0, params, model_meta(cfg.replace(head="lm"), spec))
 
@@ -75,7 +75,7 @@ def run(config, workdir: str):
         if job is not None:
             job(stage_dir)
         else:
-            trainers.run(sub, stage_dir)
+            stages.run(sub, stage_dir)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         if jax.process_index() == 0:
             open(_done_marker(workdir, name), "w").close()

@@ -14,7 +14,7 @@ import numpy as np
 from rlhf_jax import losses
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.trainers import common, data_setup
+from rlhf_jax.stages import common, data_setup
 
 
 def lm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):

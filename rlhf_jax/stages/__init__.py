@@ -2,14 +2,14 @@
 import importlib
 
 STAGES = {
-    "pretrain": "rlhf_jax.trainers.lm",
-    "sft": "rlhf_jax.trainers.lm",
-    "rm": "rlhf_jax.trainers.reward",
-    "collect": "rlhf_jax.trainers.collect",
-    "ppo": "rlhf_jax.trainers.ppo",
-    "evaluate": "rlhf_jax.trainers.evaluate",
-    "generate": "rlhf_jax.trainers.generate",
-    "pipeline": "rlhf_jax.trainers.pipeline",
+    "pretrain": "rlhf_jax.stages.sft",
+    "sft": "rlhf_jax.stages.sft",
+    "rm": "rlhf_jax.stages.rm",
+    "collect": "rlhf_jax.stages.collect",
+    "ppo": "rlhf_jax.stages.ppo",
+    "evaluate": "rlhf_jax.stages.evaluate",
+    "generate": "rlhf_jax.stages.generate",
+    "pipeline": "rlhf_jax.stages.instructgpt",
 }
 
 

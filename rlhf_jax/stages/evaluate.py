@@ -62,7 +62,7 @@ from rlhf_jax import world
 from rlhf_jax.data import pipeline, preprocess, sources
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.trainers import common, data_setup, generate, lm
+from rlhf_jax.stages import common, data_setup, generate, sft
 
 FEWSHOT_SUFFIX = "_fewshot"
 # The keys DESIGN.md promises in eval.json for every policy.
@@ -122,7 +122,7 @@ def response_kl_on_batch(policy_params, ref_params, batch, *, policy_model: Tran
     return response_kl(policy_BxNxV, ref_BxNxV, batch["response_mask"])
 
 
-_lm_eval_step = jax.jit(lm.eval_step, static_argnames="model")
+_lm_eval_step = jax.jit(sft.eval_step, static_argnames="model")
 
 
 # ---------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from rlhf_jax import assets, checkpoint
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl, sources
 from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.trainers import common, generate
+from rlhf_jax.stages import common, generate
 from rlhf_jax.world import gold, labelers
 
 COMPARISONS = "comparisons.jsonl"

@@ -16,7 +16,7 @@ from rlhf_jax import checkpoint, distributed, sampling
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl, preprocess
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.trainers import common
+from rlhf_jax.stages import common
 
 
 def load_policy(config, path: str, runtime: common.Runtime, head: str = "lm"):

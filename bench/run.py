@@ -84,7 +84,7 @@ from bench import common as C  # noqa: E402
 from bench import roofline  # noqa: E402
 from rlhf_jax import sampling  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
-from rlhf_jax.stages import common as trainer_common  # noqa: E402
+from rlhf_jax import train_state  # noqa: E402
 from rlhf_jax.stages import sft, ppo, rm  # noqa: E402
 
 SECTIONS = ("sampler", "ppo", "rm", "flops", "compile")
@@ -153,28 +153,28 @@ def bench_sampler(s: C.Setup, precisions, warm, reps):
 # 2. PPO iteration: ours
 # ---------------------------------------------------------------------------
 
-def ppo_hparams(epochs: int) -> ppo.HParams:
+def ppo_hparams(epochs: int, eos_id: int) -> ml_collections.FrozenConfigDict:
     """Workload W's PPO (BENCH.md); vf_coef 0.1 as TRL's default."""
-    return ppo.HParams(temperature=1.0, missing_eos_penalty=1.0, gamma=1.0, lam=0.95,
-                       whiten_advantages=True, clip=0.2, vf_clip=0.2, vf_coef=0.1, ptx_coef=0.0,
-                       epochs=epochs, minibatches=1, adaptive_kl=False, kl_target=6.0,
-                       kl_horizon=10000.0, ema_decay=0.0)
+    return ml_collections.FrozenConfigDict(dict(
+        temperature=1.0, missing_eos_penalty=1.0, gamma=1.0, lam=0.95, whiten_advantages=True,
+        clip=0.2, vf_clip=0.2, vf_coef=0.1, ptx_coef=0.0, epochs=epochs, minibatches=1,
+        adaptive_kl=False, kl_target=6.0, kl_horizon=10000.0, ema_decay=0.0, eos_id=eos_id))
 
 
 def adamw(lr=3e-6, weight_decay=0.01, grad_clip=0.0):
-    return trainer_common.make_optimizer(ml_collections.ConfigDict(dict(
+    return train_state.make_optimizer(ml_collections.ConfigDict(dict(
         steps=100000, warmup_steps=0, lr=lr, end_lr_ratio=1.0, grad_clip=grad_clip, b1=0.9,
         b2=0.999, weight_decay=weight_decay)))
 
 
 def _train_state(params, opt, seed):
-    return trainer_common.TrainState(step=jnp.int32(0), params=params,
-                                     opt_state=jax.jit(opt.init)(params),
-                                     rng=jax.random.PRNGKey(seed), nonfinite=jnp.int32(0))
+    return train_state.TrainState(step=jnp.int32(0), params=params,
+                                  opt_state=jax.jit(opt.init)(params),
+                                  rng=jax.random.PRNGKey(seed), nonfinite=jnp.int32(0))
 
 
 class OurPPO:
-    """One PPO iteration exactly as rlhf_jax.stages.ppo._loop runs it (the
+    """One PPO iteration exactly as rlhf_jax.stages.ppo.iteration_fn runs it (the
     sampler, the jitted score_rollout, the jitted, donated ppo_update),
     without checkpoints and metrics files. EOS never stops (workload W)."""
 
@@ -183,14 +183,15 @@ class OurPPO:
         self.s = s
         self.models = ppo.Models(policy=Transformer(cfg), value=Transformer(cfg.replace(head="scalar")),
                                  reward=Transformer(cfg.replace(head="scalar")))
-        self.hp = ppo_hparams(epochs)
+        self.hp = ppo_hparams(epochs, s.eos_id)
         opt = adamw()
         self.ref_params = s.params
         self.reward_params = s.scalar_params()
         policy = _train_state(jax.tree_util.tree_map(jnp.copy, s.params), opt, 1)
         value = _train_state(s.scalar_params(), opt, 2)
         self.state = ppo.PPOState(step=jnp.int32(0), policy=policy, value=value,
-                                  kl_coef=jnp.float32(0.05), ema_params=None)
+                                  kl_coef=jnp.float32(0.05), ema_params=None,
+                                  ema_updates=jnp.int32(0))
         self.score_fn = jax.jit(functools.partial(ppo.score_rollout, models=self.models, hp=self.hp))
         self.update_fn = jax.jit(functools.partial(ppo.ppo_update, models=self.models, policy_opt=opt,
                                                    value_opt=opt, hp=self.hp, p=C.PROMPT_LEN),

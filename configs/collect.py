@@ -5,7 +5,7 @@ policy and the base model by default), ranked by a simulated labeler
     python -m rlhf_jax.main --config configs/collect.py --workdir workdirs/collect \
         --config.init_from=workdirs/sft
     python -m rlhf_jax.main --config configs/collect.py:tiny --workdir /tmp/collect \
-        --config.init_from=/tmp/sft --config.collect.num_prompts=64
+        --config.init_from=/tmp/sft --config.comparisons.num_prompts=64
 
 Writes `<workdir>/comparisons.jsonl` (ranked by one labeler) and
 `<workdir>/comparisons_eval.jsonl` (held-out prompts, ranked by an
@@ -24,7 +24,7 @@ from configs.generate import sampling_config
 def get_config(arg: str = ""):
     c = base.get_base_config()
     c.stage = "collect"
-    c.collect = ml_collections.ConfigDict(dict(
+    c.comparisons = ml_collections.ConfigDict(dict(
         # A prompts source (JSONL file or tfds:NAME/CONFIG) of world prompts:
         # the simulated labelers judge with the world's gold labeler.
         prompts="tfds:instruction_world/comparison_prompts",
@@ -53,7 +53,7 @@ def get_config(arg: str = ""):
     # Temperature-1 samples: the comparisons need the policy's diversity.
     c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=40)
     if arg == "tiny":
-        c.collect.update(dict(prompts="tfds:instruction_world/comparison_prompts_tiny",
+        c.comparisons.update(dict(prompts="tfds:instruction_world/comparison_prompts_tiny",
                               eval_prompts="tfds:instruction_world/comparison_prompts_tiny",
                               num_prompts=64, num_eval_prompts=16, batch_size=64,
                               policies=(("sft", "init_from", 2), ("base", "base", 2))))

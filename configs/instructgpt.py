@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
     # Scaled-down counts that fit ~15 minutes on 2 CPU cores.
     c.sft.train.update(dict(steps=500, batch_size=32, lr=1e-3, warmup_steps=20,
                             eval_every=250, checkpoint_every=250))
-    c.collect.collect.update(dict(num_prompts=3072, num_eval_prompts=256, batch_size=576))
+    c.collect.comparisons.update(dict(num_prompts=3072, num_eval_prompts=256, batch_size=576))
     # Comparisons from 5 SFT + 4 base-model samples per prompt. The RM's gold
     # accuracy on held-out mixed comparisons, measured from the seed-0 SFT
     # (BENCHMARKS.md): 1,024 prompts x 3 epochs 0.785; x 8 epochs 0.816 at
@@ -61,7 +61,7 @@ def get_config(arg: str = ""):
     # (0.779); at 2e-5 x 40 the policy hardly moved (KL 0.2). beta 0.1 keeps
     # the categories the RM ranks badly (reverse, upper) from drifting.
     c.ppo.train.update(dict(steps=40, batch_size=64, lr=3e-5, checkpoint_every=20))
-    c.ppo.ppo.update(dict(minibatches=4, epochs=2, ptx_batch_size=8, value_lr=1e-4,
+    c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_batch_size=8, value_lr=1e-4,
                           kl_coef=0.1))
     c.evaluate.policies.update(dict(pretrained="", sft="", ppo="", ppo_ptx=""))
 
@@ -72,7 +72,7 @@ def get_config(arg: str = ""):
         c.base_from = "pretrain"
         c.pretrain.train.steps = 30
         c.sft.train.steps = 20
-        c.collect.collect.update(dict(num_prompts=32, num_eval_prompts=16, batch_size=64))
+        c.collect.comparisons.update(dict(num_prompts=32, num_eval_prompts=16, batch_size=64))
         c.ppo.train.steps = 3
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/instructgpt.py (expected '' or 'tiny')")

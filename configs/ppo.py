@@ -3,28 +3,26 @@
     python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo_ptx \
         --config.init_from=workdirs/sft --config.reward_from=workdirs/rm
     # plain PPO (no pretraining mix):
-    python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo ... --config.ppo.ptx_coef=0
+    python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo ... --config.algo.ptx_coef=0
 
 The policy and the frozen reference start from the SFT checkpoint
 (`init_from`); the frozen reward model and the value model (initialised from
 it) from the RM checkpoint (`reward_from`). `train.steps` counts PPO
 iterations, `train.batch_size` rollouts per iteration. Defaults are the
-paper's where they fit (beta 0.02, gamma_ptx 27.8, clip 0.2, EMA 0.992 off
-by default, gamma 1, lambda 0.95).
+paper's where they fit (beta 0.02, clip 0.2, EMA 0.992 off by default,
+gamma 1, lambda 0.95; ptx_coef is not the paper's gamma_ptx, see below).
+PPO's hyperparameters are in the `algo` block; rollouts are sampled with the
+`sampling` block every sampling stage has (temperature 1 by default; top-k
+and top-p are refused, as PPO's ratio is computed on the full softmax).
 """
 import ml_collections
 
 from configs import base
+from configs.generate import sampling_config
 
 
-def ppo_config(**overrides):
+def algo_config(**overrides):
     h = ml_collections.ConfigDict(dict(
-        max_new_tokens=40,       # world responses are at most 36 tokens with EOS
-        temperature=1.0,
-        # Must stay 0 / 1.0: the ratio and the KL are computed on the full
-        # softmax, so filtered sampling is refused (the stage says so).
-        top_k=0,
-        top_p=1.0,
         kl_coef=0.02,            # beta: per-token KL penalty to the SFT policy
         adaptive_kl=False,       # Ziegler et al. proportional controller
         kl_target=6.0,           # nats per response
@@ -65,13 +63,18 @@ def get_config(arg: str = ""):
     c.reward_from = ""
     c.data.path = "tfds:instruction_world/ppo_prompts"
     c.data.ptx_path = "tfds:instruction_world/corpus"
-    c.ppo = ppo_config()
+    c.algo = algo_config()
+    # world responses are at most 36 tokens with EOS. top_k / top_p must stay
+    # 0 / 1.0: the ratio and the KL are computed on the full softmax, so
+    # filtered sampling is refused (the stage says so).
+    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=40)
     c.train.update(dict(steps=200, batch_size=64, lr=1e-5, warmup_steps=0, end_lr_ratio=1.0,
                         weight_decay=0.0, checkpoint_every=50, log_every=1))
     if arg == "tiny":
         c.data.path = "tfds:instruction_world/ppo_prompts_tiny"
         c.data.ptx_path = "tfds:instruction_world/corpus_tiny"
-        c.ppo.update(dict(max_new_tokens=12, minibatches=2, ptx_batch_size=4))
+        c.algo.update(dict(minibatches=2, ptx_batch_size=4))
+        c.sampling.max_new_tokens = 12
         c.train.update(dict(steps=4, batch_size=8, checkpoint_every=2))
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/ppo.py (expected '' or 'tiny')")

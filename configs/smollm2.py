@@ -37,7 +37,7 @@ def get_config(arg: str = ""):
     if arg == "":
         c.sft.train.update(dict(steps=40, batch_size=8, lr=2e-5, warmup_steps=4, end_lr_ratio=0.1,
                                 eval_every=40, eval_batches=2, checkpoint_every=40, log_every=5))
-        c.collect.collect.update(dict(num_prompts=64, num_eval_prompts=32, batch_size=64,
+        c.collect.comparisons.update(dict(num_prompts=64, num_eval_prompts=32, batch_size=64,
                                       policies=(("sft", "init_from", 2), ("base", "base", 2))))
         c.collect.sampling.max_new_tokens = 24
         c.rm.data.k_max = 4
@@ -45,8 +45,8 @@ def get_config(arg: str = ""):
         c.rm.train.update(dict(steps=0, epochs=1.0, batch_size=4, lr=1e-5, warmup_steps=2,
                                eval_every=1000, eval_batches=2, checkpoint_every=1000, log_every=2))
         c.ppo.train.update(dict(steps=4, batch_size=8, lr=2e-6, checkpoint_every=4))
-        c.ppo.ppo.update(dict(max_new_tokens=24, minibatches=2, epochs=1, ptx_batch_size=2,
-                              value_lr=1e-5))
+        c.ppo.algo.update(dict(minibatches=2, epochs=1, ptx_batch_size=2, value_lr=1e-5))
+        c.ppo.sampling.max_new_tokens = 24
         c.run_plain_ppo = False
         c.evaluate.data.max_prompts = 144          # 16 per category (eval_prompts interleaves)
         c.evaluate.data.text_batches = 2
@@ -56,11 +56,11 @@ def get_config(arg: str = ""):
     elif arg == "gpu":
         c.sft.train.update(dict(steps=1000, batch_size=32, lr=2e-5, warmup_steps=50,
                                 eval_every=250, checkpoint_every=250))
-        c.collect.collect.update(dict(num_prompts=4096, num_eval_prompts=512, batch_size=1152))
+        c.collect.comparisons.update(dict(num_prompts=4096, num_eval_prompts=512, batch_size=1152))
         c.rm.train.update(dict(steps=0, epochs=1.0, batch_size=32, lr=1e-5, warmup_steps=10,
                                eval_every=100, checkpoint_every=200))
         c.ppo.train.update(dict(steps=200, batch_size=64, lr=2e-6, checkpoint_every=50))
-        c.ppo.ppo.update(dict(minibatches=4, epochs=2, ptx_batch_size=8, value_lr=1e-5))
+        c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_batch_size=8, value_lr=1e-5))
         c.evaluate.batch_size = 384
     else:
         raise ValueError(f"unknown variant {arg!r} of configs/smollm2.py (expected '' or 'gpu')")

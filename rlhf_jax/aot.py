@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-GiB = 2 ** 30
+from rlhf_jax.aot_report import GiB  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -163,18 +163,18 @@ def _batch(mesh, dtype, *shape) -> jax.ShapeDtypeStruct:
 def abstract_train_state(runtime, model, optimizer):
     """A TrainState of sharded ShapeDtypeStructs, as `create_train_state`
     makes it: params in their logical shardings, the optimizer state in
-    `common.optimizer_shardings`."""
-    from rlhf_jax.stages import common
-    params, shardings = common._restore_target(model, runtime)
+    `train_state.optimizer_shardings`."""
+    from rlhf_jax import checkpoint, train_state
+    params, shardings = checkpoint.restore_target(model, runtime)
     rep = runtime.replicated()
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_state = jax.tree_util.tree_map(
         lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes,
-        common.optimizer_shardings(optimizer, params, shardings, rep))
+        train_state.optimizer_shardings(optimizer, params, shardings, rep))
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    return common.TrainState(step=_sds((), jnp.int32, rep), params=params, opt_state=opt_state,
-                             rng=_sds(key.shape, key.dtype, rep),
-                             nonfinite=_sds((), jnp.int32, rep))
+    return train_state.TrainState(step=_sds((), jnp.int32, rep), params=params,
+                                  opt_state=opt_state, rng=_sds(key.shape, key.dtype, rep),
+                                  nonfinite=_sds((), jnp.int32, rep))
 
 
 def _shardings(tree):
@@ -219,14 +219,14 @@ def train_flops(cfg, rows: int, length: int, head_positions: Optional[int] = Non
 
 def supervised_steps(config, runtime, cfg) -> list[Step]:
     """SFT / pretrain (sft.train_step) or RM (rm.train_step), jitted as
-    `common.compile_supervised` jits it."""
-    from rlhf_jax import sharding
+    `train_state.compile_supervised` jits it."""
+    from rlhf_jax import sharding, train_state
     from rlhf_jax.models.transformer import Transformer
-    from rlhf_jax.stages import common, sft, rm
+    from rlhf_jax.stages import rm, sft
     b, l = int(config.train.batch_size), int(config.data.max_len)
     sharding.check_batch_divisible(b, runtime.mesh, "train.batch_size")
     model = Transformer(cfg, deterministic=False)
-    optimizer = common.make_optimizer(config.train)
+    optimizer = train_state.make_optimizer(config.train)
     state = abstract_train_state(runtime, model, optimizer)
     mesh = runtime.mesh
     if config.stage == "rm":
@@ -251,43 +251,45 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     """PPO's rollout (`sampling.sample`), `score_rollout` and `ppo_update`,
     jitted as `stages.ppo.run` jits them, with the iteration's resident
     state: policy and value TrainStates, reference and reward params."""
-    from rlhf_jax import sampling, sharding
+    from rlhf_jax import checkpoint, sampling, sharding, train_state
+    from rlhf_jax.errors import ConfigError
     from rlhf_jax.models import pretrained
     from rlhf_jax.models.transformer import Transformer
-    from rlhf_jax.stages import common, ppo
-    hp = ppo._hp(config)
+    from rlhf_jax.stages import ppo
+    tok = pretrained.build_tokenizer(config.model)
+    hp = ppo.hyperparams(config, tok.eos_id)
     t = config.train
-    b, p, n = int(t.batch_size), int(config.data.max_prompt_len), int(config.ppo.max_new_tokens)
+    b, p, n = int(t.batch_size), int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
     sharding.check_batch_divisible(b, runtime.mesh, "train.batch_size")
     if b % hp.minibatches:
-        raise common.ConfigError(f"train.batch_size={b} must be divisible by "
-                                 f"ppo.minibatches={hp.minibatches}")
+        raise ConfigError(f"train.batch_size={b} must be divisible by "
+                          f"algo.minibatches={hp.minibatches}")
     cfg_lm, cfg_scalar = cfg_lm.replace(dropout=0.0), cfg_scalar.replace(dropout=0.0)
     models = ppo.Models(policy=Transformer(cfg_lm), value=Transformer(cfg_scalar),
                         reward=Transformer(cfg_scalar))
     n_updates = hp.epochs * hp.minibatches
-    policy_opt = common.make_optimizer(ppo._with_steps(t, int(t.steps) * n_updates))
-    value_opt = common.make_optimizer(ppo._with_steps(t, int(t.steps) * n_updates,
-                                                      lr=float(config.ppo.value_lr)))
+    policy_opt = train_state.make_optimizer(train_state.with_steps(t, int(t.steps) * n_updates))
+    value_opt = train_state.make_optimizer(train_state.with_steps(
+        t, int(t.steps) * n_updates, lr=float(config.algo.value_lr)))
     policy = abstract_train_state(runtime, models.policy, policy_opt)
     value = abstract_train_state(runtime, models.value, value_opt)
-    ref_params = common._restore_target(models.policy, runtime)[0]
-    reward_params = common._restore_target(models.reward, runtime)[0]
+    ref_params = checkpoint.restore_target(models.policy, runtime)[0]
+    reward_params = checkpoint.restore_target(models.reward, runtime)[0]
     rep = runtime.replicated()
     state = ppo.PPOState(step=_sds((), jnp.int32, rep), policy=policy, value=value,
                          kl_coef=_sds((), jnp.float32, rep),
-                         ema_params=policy.params if hp.ema_decay > 0 else None)
+                         ema_params=policy.params if hp.ema_decay > 0 else None,
+                         ema_updates=_sds((), jnp.int32, rep))
     resident = shard_bytes((state, ref_params, reward_params))
     mesh = runtime.mesh
-    tok = pretrained.build_tokenizer(config.model)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     rng = _sds(key.shape, key.dtype, rep)
 
     prompt, prompt_mask = _batch(mesh, jnp.int32, b, p), _batch(mesh, jnp.int32, b, p)
     sample_args = (models.policy, policy.params, prompt, prompt_mask, rng)
     sample_kw = dict(max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                     temperature=hp.temperature, top_k=int(config.ppo.top_k),
-                     top_p=float(config.ppo.top_p))
+                     temperature=hp.temperature, top_k=int(config.sampling.top_k),
+                     top_p=float(config.sampling.top_p))
     sample = _Bound(sampling.sample, sample_kw)
     s = p + n
     sample_flops = (forward_flops(cfg_lm, b, p, s, 1) + n * forward_flops(cfg_lm, b, 1, s, 1))
@@ -307,7 +309,7 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
                           advantages=bn(jnp.float32), returns=bn(jnp.float32))
     ptx, ptx_flops = None, 0.0
     if hp.ptx_coef > 0:
-        b_ptx, l_ptx = int(config.ppo.ptx_batch_size), int(config.data.max_len)
+        b_ptx, l_ptx = int(config.algo.ptx_batch_size), int(config.data.max_len)
         ptx_sh = NamedSharding(mesh, sharding._fit(P(None, sharding.BATCH_AXES, None),
                                                    (n_updates, b_ptx, l_ptx), mesh))
         ptx = {k: _sds((n_updates, b_ptx, l_ptx), dt, ptx_sh) for k, dt in
@@ -362,15 +364,16 @@ def compile_step(step: Step) -> dict:
 
 
 def stage_steps(config, runtime) -> list[Step]:
-    from rlhf_jax.stages import common
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.models import resolve
     stage = config.stage
     if stage in ("pretrain", "sft", "rm"):
         head = "scalar" if stage == "rm" else "lm"
-        return supervised_steps(config, runtime, common.model_config_from(config.model, head=head))
+        return supervised_steps(config, runtime, resolve.model_config_from(config.model, head=head))
     if stage == "ppo":
-        return ppo_steps(config, runtime, common.model_config_from(config.model, head="lm"),
-                         common.model_config_from(config.model, head="scalar"))
-    raise common.ConfigError(f"aot: stage {stage!r} has no training step to compile "
+        return ppo_steps(config, runtime, resolve.model_config_from(config.model, head="lm"),
+                         resolve.model_config_from(config.model, head="scalar"))
+    raise ConfigError(f"aot: stage {stage!r} has no training step to compile "
                              f"(pretrain, sft, rm, ppo)")
 
 
@@ -378,24 +381,26 @@ def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[
     """Compiles each step of `config.stage` for `topo` (or on `devices`);
     one record per step: bytes per device, HBM, fits, FLOPs."""
     from rlhf_jax.models.transformer import Transformer, count_params
-    from rlhf_jax.stages import common
+    from rlhf_jax import sharding
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.models import resolve
     if config.model.get("pretrained"):
-        raise common.ConfigError("aot compiles from shapes: use model.preset or the architecture "
-                                 "fields instead of model.pretrained")
+        raise ConfigError("aot compiles from shapes: use model.preset or the architecture "
+                          "fields instead of model.pretrained")
     config = config.copy_and_resolve_references()
     model_name = config.model.get("preset") or "config"
     if layers:
         # Fewer layers than the preset, to measure within a host's limits.
         with config.unlocked():
-            base = common.model_config_from(config.model)
+            base = resolve.model_config_from(config.model)
             config.model.preset = ""
             for f in dataclasses.fields(base):
                 if f.name in config.model:
                     config.model[f.name] = getattr(base, f.name)
             config.model.layers = int(layers)
     devices = topology_devices(topo) if devices is None else devices
-    runtime = common.Runtime(config, devices)
-    cfg = common.model_config_from(config.model)
+    runtime = sharding.Runtime(config, devices)
+    cfg = resolve.model_config_from(config.model)
     n_params = count_params(jax.eval_shape(
         lambda r: Transformer(cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"],
         jax.random.PRNGKey(0)))
@@ -420,88 +425,12 @@ def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[
     return records
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def format_report(records: list[dict]) -> str:
-    """A console table of one stage's records: GiB per chip."""
-    if not records:
-        return "(no steps compiled)"
-    h = records[0]
-    mesh = " x ".join(f"{k}={v}" for k, v in h["mesh"].items())
-    unit, unit_name = (GiB, "GiB") if max(r["peak"] for r in records) >= GiB else (2 ** 20, "MiB")
-    lines = [f"{h['stage']} | model {h['model']} ({_count(h['params'])} params, "
-             f"{h['layers']} layers, matmul {h['matmul']}, activations {h['activations']}, "
-             f"remat {h['remat']}) | batch {h['batch_size']}",
-             f"{h['topology']}: {h['chips']} x {h['device_kind']} ({h['hbm_gib']:g} GiB HBM "
-             f"each) | mesh {mesh} | jax {h['jax']}, libtpu {h['libtpu']}",
-             f"{unit_name} per chip:",
-             f"{'step':<11}{'args':>8}{'outputs':>9}{'aliased':>9}{'temp':>8}{'code':>7}"
-             f"{'total':>8}{'other':>8}{'peak':>8}{'HBM':>7}  {'fits':<5}"
-             f"{'TFLOP/step':>11}{'per chip':>10}{'compile s':>10}"]
-    for r in records:
-        g = lambda k: r[k] / unit  # noqa: E731
-        lines.append(
-            f"{r['step']:<11}{g('args'):8.2f}{g('outputs'):9.2f}{g('aliased'):9.2f}"
-            f"{g('temp'):8.2f}{g('code'):7.2f}{g('total'):8.2f}{g('other'):8.2f}"
-            f"{g('peak'):8.2f}{r['hbm_gib']:7g}  {'yes' if r['fits'] else 'NO':<5}"
-            f"{r['flops'] / 1e12:11.1f}{r['flops'] / r['chips'] / 1e12:10.2f}"
-            f"{r['compile_s']:10.1f}")
-    return "\n".join(lines)
-
-
-def extrapolated_peak(rs: list[dict], layers: int) -> float:
-    """Peak bytes at `layers` layers, linear in depth through the records'
-    two largest layer counts (one step, one mesh): a LOWER BOUND. Params and
-    optimizer state grow exactly linearly, but the peak is the largest of
-    several phases' working sets, and at a few layers the head's (logits)
-    hides the layer stack's: Llama-3-8B's SFT step on v5p-128 extrapolated
-    from 2 and 4 layers to 6.3 GiB, and compiled at 32 layers needs 9.1.
-    Compile at full depth where the host allows (a layer scan's compile time
-    does not grow with depth)."""
-    (l1, p1), (l2, p2) = sorted((r["layers"], r["peak"]) for r in rs)[-2:]
-    return p2 + (p2 - p1) / (l2 - l1) * (layers - l2)
-
-
-def markdown_table(records: list[dict]) -> str:
-    """README's mesh table: one row per stage run, its worst step's peak.
-    Runs of a preset compiled with fewer layers (`--layers`) at two depths
-    are extrapolated to the preset's depth (`extrapolated_peak`)."""
-    from rlhf_jax.models import presets
-    runs: dict = {}
-    for r in records:
-        key = (r["model"], r["stage"], r["topology"], json.dumps(r["mesh"]), r["batch_size"])
-        runs.setdefault(key, {}).setdefault(r["step"], []).append(r)
-    rows = ["| model | stage | topology (chips) | mesh (data x fsdp x tensor) | batch | "
-            "peak HBM per chip, GiB (step) | chip HBM, GiB | fits |",
-            "|---|---|---|---|---|---|---|---|"]
-    for (model, stage, topo, _, batch), steps in runs.items():
-        depth = presets.PRESETS.get(model, {}).get("layers")
-        peaks, note = {}, ""
-        for name, rs in steps.items():
-            full = [r for r in rs if r["layers"] == depth]
-            if depth and not full and len({r["layers"] for r in rs}) >= 2:
-                peaks[name] = extrapolated_peak(rs, depth)
-                note = (f", at least: from {' and '.join(str(r['layers']) for r in rs)} layers")
-            else:
-                peaks[name] = max(full or rs, key=lambda r: r["layers"])["peak"]
-        h = next(iter(steps.values()))[0]
-        worst = max(peaks, key=peaks.get)
-        mesh = " x ".join(str(v) for v in h["mesh"].values())
-        fits = all(p <= h["hbm_gib"] * GiB for p in peaks.values())
-        rows.append(f"| {model} | {stage} | {topo} ({h['chips']}) | {mesh} | {batch} | "
-                    f"{peaks[worst] / GiB:.1f} ({worst}{note}) | {h['hbm_gib']:g} | "
-                    f"{'yes' if fits else '**no**'} |")
-    return "\n".join(rows)
-
-
 def _main(argv):
     del argv
-    from rlhf_jax import errors
+    from rlhf_jax import aot_report, errors
     if _TABLE_FROM.value:
         with open(_TABLE_FROM.value) as f:
-            print(markdown_table([json.loads(line) for line in f if line.strip()]))
+            print(aot_report.markdown_table([json.loads(line) for line in f if line.strip()]))
         return
     if _CONFIG.value is None or not _TOPOLOGY.value:
         sys.stderr.write("rlhf_jax.aot: error: --config and --topology are required\n")
@@ -515,7 +444,7 @@ def _main(argv):
             sys.exit(2)
         records = run(_CONFIG.value, topo, devices, layers=_LAYERS.value,
                       only=tuple(s for s in _STEPS.value.split(",") if s))
-        print(format_report(records), flush=True)
+        print(aot_report.format_report(records), flush=True)
         if _JSON.value:
             with open(_JSON.value, "a") as f:
                 for r in records:

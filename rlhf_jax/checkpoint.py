@@ -8,14 +8,25 @@ A checkpoint holds three items:
           tokenizer, so a later stage can rebuild the architecture.
 Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-save restarts from the last complete step.
+
+Below the manager: restoring a model's params straight into a stage's
+shardings, and grafting one model's params onto another (an RM from an SFT
+checkpoint keeps the backbone and gets a fresh head).
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Optional
 
+import flax
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from rlhf_jax import sharding
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models.resolve import saved_model_config
+from rlhf_jax.models.transformer import Transformer
 
 CHECKPOINTS = "checkpoints"
 
@@ -142,3 +153,58 @@ def load_params(path: str, params_like):
         params=ocp.args.StandardRestore(_abstract(params_like))))
     mngr.close()
     return r.params
+
+
+# ---------------------------------------------------------------------------
+# A model's params from a checkpoint, in a stage's shardings
+# ---------------------------------------------------------------------------
+
+def graft_params(target, source):
+    """`target` with every leaf that `source` has at the same path and shape
+    replaced: a reward model from an SFT checkpoint keeps the backbone and
+    gets a fresh scalar head."""
+    flat_src = flax.traverse_util.flatten_dict(source)
+    flat_tgt = flax.traverse_util.flatten_dict(target)
+    n = 0
+    for k, v in flat_tgt.items():
+        s = flat_src.get(k)
+        if s is not None and s.shape == v.shape:
+            flat_tgt[k] = s
+            n += 1
+    if n == 0:
+        raise ConfigError("init_from: the checkpoint shares no parameters with this model")
+    return flax.traverse_util.unflatten_dict(flat_tgt)
+
+
+def restore_target(model: Transformer, runtime: sharding.Runtime):
+    """(abstract params with their shardings, the shardings) of `model` on
+    `runtime`: what a checkpoint restores into, without running init."""
+    abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+                              jax.random.PRNGKey(0))
+    shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
+    return sharding.abstract_like(sharding.strip_boxes(abstract), shardings), shardings
+
+
+def put(tree, shardings):
+    """`tree`'s leaves placed by `shardings` (a matching tree)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def load_params_from(path: str, runtime: sharding.Runtime, target_params, target_shardings):
+    """Params of the checkpoint at `path`, restored directly into this stage's
+    shardings and grafted onto `target_params` (heads may differ)."""
+    src_model = Transformer(saved_model_config(read_meta(path)))
+    source = load_params(path, restore_target(src_model, runtime)[0])
+    return put(graft_params(target_params, source), target_shardings)
+
+
+def restore_model_params(path: str, runtime: sharding.Runtime, model: Transformer, rng=None):
+    """`model`'s params from the checkpoint at `path`, restored straight into
+    their shardings (no random init, no compile) when the checkpoint has the
+    same head; otherwise initialised from `rng` (default key 0) and grafted
+    (e.g. a value model from an SFT checkpoint). Returns (params, shardings)."""
+    if read_meta(path).get("model", {}).get("head", "lm") == model.cfg.head:
+        like, shardings = restore_target(model, runtime)
+        return load_params(path, like), shardings
+    params, shardings = runtime.init_params(model, jax.random.PRNGKey(0) if rng is None else rng)
+    return load_params_from(path, runtime, params, shardings), shardings

@@ -36,3 +36,13 @@ def gather(x):
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_sum(local) -> float:
+    """Sum of a host value (a number or numpy array) over all processes."""
+    import numpy as np
+    local = np.asarray(local, np.float64)
+    if jax.process_count() == 1:
+        return float(local.sum())
+    from jax.experimental import multihost_utils
+    return float(np.asarray(multihost_utils.process_allgather(local)).sum())

@@ -146,6 +146,23 @@ def kl_per_token(logp, logp_ref, kind="k1") -> Array:
     raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
 
 
+def token_kl_from_logits(policy_logits_BxTxV, ref_logits_BxTxV) -> Array:
+    """Exact KL(pi || ref) between the next-token distributions softmax(logits)
+    at every position, summed over the full vocabulary; [B, T] float32 (nats)."""
+    logp_BxTxV = jax.nn.log_softmax(_f32(policy_logits_BxTxV), axis=-1)
+    logq_BxTxV = jax.nn.log_softmax(_f32(ref_logits_BxTxV), axis=-1)
+    p_BxTxV = jnp.exp(logp_BxTxV)
+    # A token pi gives probability 0 contributes 0 (not 0 * -inf).
+    return jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * (logp_BxTxV - logq_BxTxV), 0.0), axis=-1)
+
+
+def response_kl(policy_logits_BxTxV, ref_logits_BxTxV, mask_BxT) -> Array:
+    """Exact KL per response: token KLs summed over the response tokens (mask 1
+    up to and including EOS, 0 after it); [B] float32."""
+    return masked_sum(token_kl_from_logits(policy_logits_BxTxV, ref_logits_BxTxV), mask_BxT,
+                      axis=-1)
+
+
 # ---------------------------------------------------------------------------
 # Rewards and advantages
 # ---------------------------------------------------------------------------
@@ -301,6 +318,16 @@ def value_loss(values, old_values, returns, mask, clip_eps):
     vf_clipfrac = masked_mean((err2 > err1).astype(jnp.float32), m)
     stats = {"vf_clipfrac": jax.lax.stop_gradient(vf_clipfrac)}
     return loss, stats
+
+
+def ptx_mix(rl_loss, rl_grads: Any, lm_loss, lm_grads: Any, ptx_coef) -> tuple[Array, Any]:
+    """PPO-ptx's objective (InstructGPT eq. 2) as a loss to minimise and its
+    gradient: the RL loss plus ptx_coef x the pretraining LM loss, each
+    gradient computed apart (so their sizes can be logged) and summed leaf by
+    leaf. Both losses are per-token means here (see stages/ppo.py on what
+    ptx_coef means then)."""
+    grads = jax.tree_util.tree_map(lambda a, b: a + ptx_coef * b, rl_grads, lm_grads)
+    return rl_loss + ptx_coef * lm_loss, grads
 
 
 # ---------------------------------------------------------------------------

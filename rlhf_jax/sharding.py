@@ -14,9 +14,12 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rlhf_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -150,11 +153,23 @@ def to_global_batch(batch: dict, mesh: Mesh) -> dict:
             for k, v in batch.items()}
 
 
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways a batch is split: data x fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size"):
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    """A batch must split evenly over the batch devices (data x fsdp)."""
+    n = batch_devices(mesh)
     if batch_size % n:
-        raise ValueError(f"{what}={batch_size} must be divisible by data x fsdp = {n} "
-                         f"(mesh {dict(mesh.shape)})")
+        raise ConfigError(f"{what}={batch_size} must be divisible by the mesh's "
+                          f"data x fsdp = {n}")
+
+
+def round_batch(batch_size: int, mesh: Mesh) -> int:
+    """`batch_size` rounded down to a multiple of the batch devices (at least one row each)."""
+    n = batch_devices(mesh)
+    return max(n, batch_size - batch_size % n)
 
 
 def abstract_like(tree, shardings):
@@ -162,3 +177,32 @@ def abstract_like(tree, shardings):
     matching tree): what a checkpoint restores into, or a compile lowers for."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   tree, shardings)
+
+
+class Runtime:
+    """Mesh, logical rules and the step functions' shardings for one stage."""
+
+    def __init__(self, config, devices=None):
+        """`devices`: default jax.devices(); rlhf_jax.aot passes a TPU
+        topology's compile-only devices."""
+        try:
+            self.mesh = make_mesh(config.mesh, devices)
+        except ValueError as e:  # e.g. more mesh devices than there are: a config error
+            raise ConfigError(f"{e} (set mesh.data/fsdp/tensor)") from None
+        self.rules = rules_from_config(config)
+
+    def activations(self):
+        return activation_sharding(self.mesh, self.rules)
+
+    def init_params(self, model, rng, seq_len: int = 8):
+        example = jnp.zeros((1, seq_len), jnp.int32)
+        return sharded_init(lambda r: model.init(r, example)["params"], self.mesh, self.rules, rng)
+
+    def global_batch(self, batch: dict) -> dict:
+        return to_global_batch(batch, self.mesh)
+
+    def replicated(self):
+        return replicated(self.mesh)
+
+    def round_batch(self, batch_size: int) -> int:
+        return round_batch(batch_size, self.mesh)

@@ -12,7 +12,7 @@ def load_config(name: str, arg: str = "tiny", **overrides):
     """configs/<name>.py:<arg> with dotted overrides, e.g. {"train.steps": 4}."""
     import importlib
     mod = importlib.import_module(f"configs.{name}")
-    from rlhf_jax.stages.common import override
+    from rlhf_jax.stages.instructgpt import override
     return override(mod.get_config(arg), **overrides)
 
 
@@ -80,13 +80,12 @@ def reward_model_from(sft_dir: str, dest: str, tokenizer: str = "") -> str:
     import jax
     from rlhf_jax import checkpoint
     from rlhf_jax.models.transformer import ModelConfig, Transformer
-    from rlhf_jax.stages import common
     meta = checkpoint.read_meta(sft_dir)
     cfg = ModelConfig(**{**meta["model"], "head": "scalar"})
     import flax.linen as nn
     fresh = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
                                            jax.numpy.zeros((1, 4), "int32"))["params"])
-    params = common.graft_params(fresh, checkpoint.load_saved_params(sft_dir))
+    params = checkpoint.graft_params(fresh, checkpoint.load_saved_params(sft_dir))
     rm_meta = dict(meta, model=dataclasses.asdict(cfg), stage="rm", bias_normalized=True,
                    rm_bias=0.0, tokenizer=tokenizer or meta.get("tokenizer", "byte"))
     return checkpoint.write_params(dest, 0, params, rm_meta)

@@ -5,10 +5,12 @@ import pytest
 
 from configs import ppo as ppo_config
 from configs import sft as sft_config
-from rlhf_jax import aot
+from rlhf_jax import aot, aot_report
 from rlhf_jax.models import presets
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.stages import common
+from rlhf_jax import sharding, train_state
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models import resolve
 
 GiB = aot.GiB
 
@@ -40,11 +42,11 @@ def _record(step, peak_gib, hbm=16.0, **kw):
 
 def test_table_reports_the_worst_step_and_does_not_fit():
     records = [_record("sample", 9.0), _record("score", 12.5), _record("update", 17.25)]
-    table = aot.markdown_table(records)
+    table = aot_report.markdown_table(records)
     row = table.splitlines()[2]
     assert "| llama3_8b | ppo | v5e-16 (16) | 1 x 16 x 1 | 64 |" in row
     assert "17.2 (update)" in row and row.endswith("| 16 | **no** |")
-    report = aot.format_report(records)
+    report = aot_report.format_report(records)
     assert "GiB per chip" in report and "NO" in report.splitlines()[-1]
     assert "1600.0" in report and "100.00" in report     # TFLOP per step; per chip (16)
 
@@ -53,10 +55,10 @@ def test_table_extrapolates_fewer_layers_to_the_presets_depth():
     # 2 and 4 layers compiled: +0.25 GiB a layer -> 32 layers at 10.5 GiB.
     records = [_record("train_step", 3.0, layers=2, stage="sft"),
                _record("train_step", 3.5, layers=4, stage="sft")]
-    row = aot.markdown_table(records).splitlines()[2]
+    row = aot_report.markdown_table(records).splitlines()[2]
     assert "10.5 (train_step, at least: from 2 and 4 layers)" in row and row.endswith("| 16 | yes |")
     records[1]["peak"] = 4.0 * GiB                  # +0.5 a layer: 18 GiB, over 16
-    assert aot.markdown_table(records).endswith("| 16 | **no** |")
+    assert aot_report.markdown_table(records).endswith("| 16 | **no** |")
 
 
 def test_presets_have_the_published_sizes():
@@ -71,21 +73,21 @@ def test_presets_have_the_published_sizes():
     assert sizes == {"llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496}
     c = sft_config.get_config("tiny")
     c.model.preset = "llama3_8b"
-    assert common.model_config_from(c.model).intermediate == 14336
+    assert resolve.model_config_from(c.model).intermediate == 14336
     c.model.preset = "llama3_9b"
-    with pytest.raises(common.ConfigError, match="llama3_70b, llama3_8b"):
-        common.model_config_from(c.model)
+    with pytest.raises(ConfigError, match="llama3_70b, llama3_8b"):
+        resolve.model_config_from(c.model)
 
 
 def test_optimizer_state_is_sharded_like_the_params():
     # jax.jit(optimizer.init) alone replicated Adam's moments on every device.
     c = sft_config.get_config("tiny")
     c.mesh.data, c.mesh.fsdp = 1, -1
-    runtime = common.Runtime(c)
-    model = Transformer(common.model_config_from(c.model))
+    runtime = sharding.Runtime(c)
+    model = Transformer(resolve.model_config_from(c.model))
     with runtime.activations():
-        state, shardings = common.create_train_state(runtime, model,
-                                                     common.make_optimizer(c.train), 0)
+        state, shardings = train_state.create_train_state(runtime, model,
+                                                     train_state.make_optimizer(c.train), 0)
     mu = state.opt_state[1][0].mu
     for p, m in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(mu)):
         assert m.sharding.spec == p.sharding.spec
@@ -112,7 +114,7 @@ def test_compile_for_a_v5e_slice():
         assert r["step"] == "train_step" and r["chips"] == 4 and r["fits"]
         assert r["args"] > 0 and r["outputs"] > 0 and r["aliased"] > 0   # donated state
         assert r["flops"] == pytest.approx(aot.train_flops(
-            common.model_config_from(c.model), batch, c.data.max_len))
+            resolve.model_config_from(c.model), batch, c.data.max_len))
         peaks[batch] = r["peak"]
     assert peaks[64] > peaks[32]      # activations grow with the batch
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from helpers import load_config, world_demos
-from rlhf_jax import stages
+from rlhf_jax import stages, world
 from rlhf_jax.assets import world_base_path
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import collect
-from rlhf_jax.stages.common import ConfigError, override
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.stages.instructgpt import override
 from rlhf_jax.world import gold
 
 MIX = (("sft", "init_from", 2), ("base", "base", 2))
@@ -42,7 +43,7 @@ def _collect_config(root, **overrides):
     cfg = load_config("collect", "tiny")      # the architecture comes from the checkpoint
     cfg.init_from = str(root / "sft")
     cfg.data.data_dir = str(root / "tfds")
-    cfg.collect.update(dict(num_prompts=40, num_eval_prompts=16, policies=MIX, batch_size=64))
+    cfg.comparisons.update(dict(num_prompts=40, num_eval_prompts=16, policies=MIX, batch_size=64))
     cfg.sampling.max_new_tokens = MAX_NEW
     return override(cfg, **overrides)
 
@@ -167,7 +168,7 @@ def test_deterministic_given_seed_and_rerun_is_a_noop(collected, sft_workdir, mo
     assert os.path.getmtime(os.path.join(workdir, collect.COMPARISONS)) == mtime
     # ... and refuses other settings instead of mixing them.
     with pytest.raises(ConfigError, match="other settings"):
-        stages.run(_collect_config(sft_workdir, **{"collect.policies": (("sft", "init_from", 3),
+        stages.run(_collect_config(sft_workdir, **{"comparisons.policies": (("sft", "init_from", 3),
                                                                           ("base", "base", 2))}),
                      str(workdir))
 
@@ -226,14 +227,14 @@ def test_finished_flags_give_the_rm_the_labelers_gold_scores():
     records, _ = collect.rank_groups(prompts, ["add"], groups, scores, np.random.default_rng(0),
                                      noise_scale=0.0)
     assert records[0]["finished"] == [False, False, True, False]
-    np.testing.assert_array_equal(rm.gold_scores(records[0], 4), scores[0])
+    np.testing.assert_array_equal(rm.gold_scores(records[0], 4, world.gold_score), scores[0])
 
 
 @pytest.mark.parametrize("override, message", [
     ({"sampling.greedy": True}, "greedy"),
-    ({"collect.policies": (("sft", "init_from", 5), ("base", "base", 5))}, "K = 10"),
-    ({"collect.policies": (("sft", "init_from", 2), ("sft", "base", 2))}, "names repeat"),
-    ({"collect.policies": (("sft", "init_from", 2), ("ppo", "/nonexistent", 2))}, "ppo"),
+    ({"comparisons.policies": (("sft", "init_from", 5), ("base", "base", 5))}, "K = 10"),
+    ({"comparisons.policies": (("sft", "init_from", 2), ("sft", "base", 2))}, "names repeat"),
+    ({"comparisons.policies": (("sft", "init_from", 2), ("ppo", "/nonexistent", 2))}, "ppo"),
     ({"init_from": ""}, "init_from"),
 ])
 def test_bad_settings_are_clear_errors(sft_workdir, tmp_path, override, message):
@@ -241,7 +242,7 @@ def test_bad_settings_are_clear_errors(sft_workdir, tmp_path, override, message)
         stages.run(_collect_config(sft_workdir, **override), str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("key", ["collect.num_prompts", "collect.num_eval_prompts"])
+@pytest.mark.parametrize("key", ["comparisons.num_prompts", "comparisons.num_eval_prompts"])
 def test_too_few_prompts_fails_before_any_sampling_naming_the_key(sft_workdir, tmp_path,
                                                                   monkeypatch, key):
     _forbid_sampling(monkeypatch)

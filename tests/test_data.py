@@ -128,6 +128,7 @@ def test_finished_flags_are_kept_and_reach_the_gold_accuracy(tmp_path):
     """A response cut at the length limit ("finished": false) keeps its flag
     through the data layer, and the RM's gold accuracy scores it as collect's
     labeler did (-1), not as the finished text it reads like."""
+    from rlhf_jax import world
     from rlhf_jax.stages import rm
     record = {"prompt": "What is 2 plus 3?", "responses": ["5", "4"], "ranks": [1, 0],
               "finished": [False, True]}
@@ -137,9 +138,9 @@ def test_finished_flags_are_kept_and_reach_the_gold_accuracy(tmp_path):
     source = open_source(str(path), "comparisons", data_dir=str(tmp_path / "tfds"))
     stored = [source[0], source[1]]
     assert stored == records    # a record without flags reads back without them
-    np.testing.assert_array_equal(rm.gold_scores(stored[0], 3), [-1.0, 0.0, np.nan])
+    np.testing.assert_array_equal(rm.gold_scores(stored[0], 3, world.gold_score), [-1.0, 0.0, np.nan])
     record["finished"] = [True, True]
-    np.testing.assert_array_equal(rm.gold_scores(record, 3), [1.0, 0.0, np.nan])
+    np.testing.assert_array_equal(rm.gold_scores(record, 3, world.gold_score), [1.0, 0.0, np.nan])
 
 
 def test_strings_are_kept_verbatim_and_bom_is_skipped(tmp_path):

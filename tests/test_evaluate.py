@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from helpers import load_config, micro_model, world_demos, write_jsonl
-from rlhf_jax import checkpoint, report, stages, world
+from rlhf_jax import checkpoint, report, rl, stages, world
 from rlhf_jax.metrics import MetricsWriter, read_metrics
-from rlhf_jax.stages import evaluate
-from rlhf_jax.stages.common import ConfigError
+from rlhf_jax.stages import eval_prompts, evaluate
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.world import datasets
 
 
@@ -42,10 +42,10 @@ def test_response_kl_matches_numpy_loop():
             for k in range(v):
                 if p[k] > 0:
                     expected[i] += p[k] * (math.log(p[k]) - math.log(q[k]))
-    got = np.asarray(evaluate.response_kl(policy, ref, mask))
+    got = np.asarray(rl.response_kl(policy, ref, mask))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert np.all(got > 0)
-    np.testing.assert_allclose(np.asarray(evaluate.response_kl(ref, ref, mask))[1], 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rl.response_kl(ref, ref, mask))[1], 0.0, atol=1e-6)
 
 
 def test_judged_metrics_on_known_responses():
@@ -84,7 +84,7 @@ def test_policy_specs_order_fewshot_and_reference(monkeypatch):
     cfg.policies.update(dict(ppo="", sft=""))
     with pytest.raises(ConfigError, match="reference"):
         evaluate.policy_specs(cfg)
-    demos = evaluate.fewshot_demonstrations(cfg.fewshot_categories)
+    demos = eval_prompts.fewshot_demonstrations(cfg.fewshot_categories)
     train_words = set(world.tasks.FILL_WORDS["train"])
     upper = world.parse_prompt(demos[1]["prompt"])
     assert upper.category == "upper" and upper.subject in train_words
@@ -94,11 +94,11 @@ def test_policy_specs_order_fewshot_and_reference(monkeypatch):
 def test_fewshot_prefixes_fit_the_context_in_order():
     from rlhf_jax import tokenizer as tokenizers
     tok = tokenizers.ByteTokenizer()
-    demos = evaluate.fewshot_demonstrations(("add", "upper", "harmful"))
-    demo_ids = [evaluate.fewshot_prefix_ids(tok, [d]) for d in demos]
+    demos = eval_prompts.fewshot_demonstrations(("add", "upper", "harmful"))
+    demo_ids = [eval_prompts.fewshot_prefix_ids(tok, [d]) for d in demos]
     prompts = ["What is 2 plus 3?", "Spell 'abc' backwards.", "x" * 120]
     budget = len(tokenizers.encode_prompt(tok, prompts[0])) + len(demo_ids[0]) + len(demo_ids[2])
-    prefixes, counts = evaluate.fewshot_prefixes(tok, prompts, demos, budget)
+    prefixes, counts = eval_prompts.fewshot_prefixes(tok, prompts, demos, budget)
     for prompt, prefix, count in zip(prompts, prefixes, counts):
         room = budget - len(tokenizers.encode_prompt(tok, prompt))
         expected, n = [], 0               # the plain greedy loop, in order
@@ -109,7 +109,7 @@ def test_fewshot_prefixes_fit_the_context_in_order():
         assert len(prefix) <= max(room, 0)
     assert counts[2] == 0 and prefixes[2] == []        # too long for any demonstration
     assert counts[0] >= 2                               # demonstrations 0 and 2 fit exactly
-    tokens, mask = evaluate.encode_prompts(tok, prompts[:2], prefixes[:2], budget)
+    tokens, mask = eval_prompts.encode_prompts(tok, prompts[:2], prefixes[:2], budget)
     assert (mask.sum(1) <= budget).all()
     assert list(tokens[0, budget - int(mask[0].sum()):][:len(prefixes[0])]) == prefixes[0]
 

@@ -3,7 +3,7 @@ context where the config leaves it 0, kept where set, and a one-line error
 naming the keys where the values set cannot fit."""
 import pytest
 
-from rlhf_jax.stages.common import ConfigError
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.stages.generate import prompt_limit, sampling_budget
 
 
@@ -25,8 +25,8 @@ def test_settings_that_cannot_fit_name_both_keys():
         prompt_limit(128, 88, 48)
     with pytest.raises(ConfigError, match=r"--config\.data\.max_prompt_len \(0 derives"):
         sampling_budget([3], 128, 128, 0)
-    with pytest.raises(ConfigError, match=r"--config\.ppo\.max_new_tokens \(0 takes"):
-        sampling_budget([3], 64, 0, 64, new_tokens_key="ppo.max_new_tokens")
+    with pytest.raises(ConfigError, match=r"--config\.sampling\.max_new_tokens \(0 takes"):
+        sampling_budget([3], 64, 0, 64)
 
 
 def test_a_prompt_over_the_limit_names_what_set_the_limit():

@@ -75,8 +75,8 @@ def test_two_processes_equal_one_process_ppo(tmp_path):
     rm = reward_model_from(sft, str(tmp_path / "rm"))
     overrides = [f"--config.init_from={sft}", f"--config.reward_from={rm}",
                  f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=3",
-                 "--config.train.batch_size=8", "--config.ppo.max_new_tokens=8",
-                 "--config.ppo.ptx_batch_size=4", "--config.ppo.ptx_coef=0.5",
+                 "--config.train.batch_size=8", "--config.sampling.max_new_tokens=8",
+                 "--config.algo.ptx_batch_size=4", "--config.algo.ptx_coef=0.5",
                  "--config.train.lr=1e-3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
                  "--config.mesh.tensor=2"]
     _single("configs/ppo.py:tiny", str(tmp_path / "one"), overrides)

@@ -6,6 +6,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from rlhf_jax import checkpoint, sampling, stages
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.stages import ppo
-from rlhf_jax.stages.common import override
+from rlhf_jax.stages.instructgpt import override
 
 CFG = ModelConfig(vocab_size=40, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=48,
                   max_len=32)
@@ -34,7 +35,7 @@ def _hp(**kw):
                 epochs=1, minibatches=1, adaptive_kl=False, kl_target=6.0, kl_horizon=1e4,
                 ema_decay=0.0, eos_id=EOS)
     base.update(kw)
-    return ppo.HParams(**base)
+    return ml_collections.FrozenConfigDict(base)
 
 
 def _log_softmax(x):
@@ -149,19 +150,20 @@ def _ppo_config(sft, rm=None, **kw):
     cfg.init_from = sft
     cfg.reward_from = rm or os.path.join(os.path.dirname(sft), "rm")
     cfg.train.update(dict(steps=4, batch_size=8, lr=1e-3, checkpoint_every=2))
-    cfg.ppo.update(dict(max_new_tokens=8, ptx_coef=0.5, ptx_batch_size=4))
+    cfg.algo.update(dict(ptx_coef=0.5, ptx_batch_size=4))
+    cfg.sampling.max_new_tokens = 8
     return override(cfg, **kw)
 
 
 def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, monkeypatch):
     """Resume covers the whole PPO state: both optimizers, KL controller, EMA."""
-    cfg = _ppo_config(sft_workdir, **{"ppo.ema_decay": 0.9, "ppo.adaptive_kl": True})
+    cfg = _ppo_config(sft_workdir, **{"algo.ema_decay": 0.9, "algo.adaptive_kl": True})
     stages.run(cfg, str(tmp_path / "full"))
     rows = read_metrics(str(tmp_path / "full"), "ppo")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("score", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac",
                 "vf_clipfrac", "approx_kl", "ptx_loss", "response_length", "eos_rate",
-                "tokens_per_s", "time_rollout", "time_update", "kl_coef", "gold_score",
+                "tokens_per_s", "iteration_s", "kl_coef", "gold_score",
                 "pg_grad_norm", "ptx_grad_norm"):
         assert all(np.isfinite(r[f"ppo/{key}"]) for r in rows), key
     assert abs(rows[0]["ppo/kl"]) < 1e-5          # the policy starts as the reference
@@ -179,9 +181,9 @@ def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, 
     """With a zero reward model, the only signal is the penalty for responses
     without EOS: PPO must learn to end its responses."""
     cfg = _ppo_config(sft_workdir, **{"train.steps": 30, "train.checkpoint_every": 30,
-                                      "ppo.ptx_coef": 0.0, "ppo.max_new_tokens": 6,
-                                      "ppo.missing_eos_penalty": 2.0, "ppo.kl_coef": 0.0,
-                                      "ppo.gold_eval": False, "ppo.value_lr": 1e-2,
+                                      "algo.ptx_coef": 0.0, "sampling.max_new_tokens": 6,
+                                      "algo.missing_eos_penalty": 2.0, "algo.kl_coef": 0.0,
+                                      "algo.gold_eval": False, "algo.value_lr": 1e-2,
                                       "train.lr": 3e-3, "train.batch_size": 16})
     stages.run(cfg, str(tmp_path / "ppo"))
     eos = [r["ppo/eos_rate"] for r in read_metrics(str(tmp_path / "ppo"), "ppo")]
@@ -206,19 +208,19 @@ def test_cli_ppo_without_checkpoints_says_what_it_needs(tmp_path):
 def _update_fixture(hp, seed=0):
     """A one-minibatch update's inputs on the micro model: state, rollout, ptx."""
     import optax
-    from rlhf_jax.stages import common
+    from rlhf_jax import train_state
     scalar = CFG.replace(head="scalar")
     models = ppo.Models(policy=Transformer(CFG), value=Transformer(scalar), reward=Transformer(scalar))
     opt = optax.adam(1e-3)
 
-    def train_state(params):
-        return common.TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
-                                 rng=jax.random.PRNGKey(0), nonfinite=jnp.int32(0))
+    def fresh_state(params):
+        return train_state.TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                                      rng=jax.random.PRNGKey(0), nonfinite=jnp.int32(0))
 
     pol = _params(CFG, seed)
     ema = jax.tree_util.tree_map(jnp.zeros_like, pol) if hp.ema_decay > 0 else None
-    state = ppo.PPOState(step=jnp.int32(0), policy=train_state(pol),
-                         value=train_state(_params(scalar, 2)), kl_coef=jnp.float32(0.02),
+    state = ppo.PPOState(step=jnp.int32(0), policy=fresh_state(pol),
+                         value=fresh_state(_params(scalar, 2)), kl_coef=jnp.float32(0.02),
                          ema_params=ema, ema_updates=jnp.int32(0))
     rng = np.random.default_rng(seed)
     B, P, N = 8, 4, 6
@@ -244,7 +246,7 @@ def _policy_step(update, state, rollout, ptx):
 
 
 @pytest.mark.parametrize("ptx_coef, reward_moves_update", [
-    (float(load_config("ppo", "").ppo.ptx_coef), True),    # the default leaves the reward its share
+    (float(load_config("ppo", "").algo.ptx_coef), True),    # the default leaves the reward its share
     (27.8, False),                                          # the paper's gamma on a per-token mean
 ])
 def test_with_ptx_on_the_reward_still_changes_the_update(ptx_coef, reward_moves_update):
@@ -274,21 +276,21 @@ def test_ema_follows_every_optimizer_update_bias_corrected():
     hp = _hp(ema_decay=d, minibatches=2, ptx_coef=0.0)
     state, rollout, _, update = _update_fixture(hp)
     # One iteration = 2 minibatch updates; read th1 and th2 from a 1-minibatch twin.
-    one = hp._replace(minibatches=1)
+    one = _hp(ema_decay=d, minibatches=1, ptx_coef=0.0)
     state1, _, _, update1 = _update_fixture(one)
     half = jax.tree_util.tree_map(lambda x: x[:4], rollout)
     s1, _ = update1(state1, half, None, jnp.float32(0.0), jax.random.PRNGKey(1))
     new, _ = update(state, rollout, None, jnp.float32(0.0), jax.random.PRNGKey(1))
     assert int(new.ema_updates) == 2 and int(s1.ema_updates) == 1
     # With one update the debiased EMA is exactly the policy after it.
-    for a, b in zip(jax.tree_util.tree_leaves(ppo._split_state(s1, d)[0]),
+    for a, b in zip(jax.tree_util.tree_leaves(ppo.saved_params(s1, d)),
                     jax.tree_util.tree_leaves(s1.policy.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     # Two updates: compare with the NumPy loop over the EMA's definition,
     # using the raw EMA after the first and the policy after the second.
     raw = jax.tree_util.tree_leaves(new.ema_params)
     th2 = jax.tree_util.tree_leaves(new.policy.params)
-    saved = jax.tree_util.tree_leaves(ppo._split_state(new, d)[0])
+    saved = jax.tree_util.tree_leaves(ppo.saved_params(new, d))
     for e, t2, got in zip(raw, th2, saved):
         e, t2 = np.asarray(e, np.float64), np.asarray(t2, np.float64)
         e1 = (e - (1 - d) * t2) / d                      # EMA after the first update
@@ -297,7 +299,7 @@ def test_ema_follows_every_optimizer_update_bias_corrected():
 
 
 def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workdir, tmp_path):
-    from rlhf_jax.stages.common import ConfigError
+    from rlhf_jax.errors import ConfigError
     # An SFT checkpoint's scalar head would be fresh: every reward 0.
     with pytest.raises(ConfigError, match="not a reward model"):
         stages.run(_ppo_config(sft_workdir, rm=sft_workdir), str(tmp_path / "a"))
@@ -312,9 +314,10 @@ def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workd
         stages.run(_ppo_config(sft_workdir, rm=other), str(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("key, value", [("ppo.top_k", 5), ("ppo.top_p", 0.9)])
+@pytest.mark.parametrize("key, value", [("sampling.top_k", 5), ("sampling.top_p", 0.9),
+                                        ("sampling.greedy", True)])
 def test_filtered_sampling_is_refused(sft_workdir, rm_workdir, tmp_path, key, value):
-    from rlhf_jax.stages.common import ConfigError
+    from rlhf_jax.errors import ConfigError
     with pytest.raises(ConfigError, match="full softmax"):
         stages.run(_ppo_config(sft_workdir, **{key: value}), str(tmp_path / "p"))
 
@@ -325,7 +328,7 @@ def test_adaptive_kl_horizon_moves_beta_within_the_main_jobs_run():
     with Ziegler et al.'s 10,000 episodes)."""
     from rlhf_jax import rl
     c = load_config("instructgpt", "")
-    h, t = c.ppo.ppo, c.ppo.train
+    h, t = c.ppo.algo, c.ppo.train
     coef = 1.0
     for _ in range(int(t.steps)):
         coef = float(rl.adaptive_kl_coef(coef, 10 * h.kl_target, h.kl_target, h.kl_horizon,

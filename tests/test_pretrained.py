@@ -250,7 +250,8 @@ def test_import_as_checkpoint_feeds_every_stage(tmp_path, bpe):
     """The pipeline's import step: a pretrained model written as a params-only
     checkpoint; a stage loading it (init_from) gets the same architecture,
     tokenizer and logits as load_pretrained."""
-    from rlhf_jax.stages import common, generate, instructgpt
+    from rlhf_jax import inference, sharding
+    from rlhf_jax.stages import instructgpt
     from helpers import load_config
     model, params = _random_model(LLAMA)
     save_pretrained(model, params, tmp_path / "hf", tokenizer=_our_tokenizer(bpe))
@@ -259,8 +260,8 @@ def test_import_as_checkpoint_feeds_every_stage(tmp_path, bpe):
     instructgpt.import_pretrained(str(tmp_path / "hf"), str(tmp_path / "base"))
     assert checkpoint.read_meta(tmp_path / "base")["tokenizer"] == str(tmp_path / "hf")
     cfg = load_config("generate", "")
-    runtime = common.Runtime(cfg)
-    model2, params2, tok2 = generate.load_policy(cfg, str(tmp_path / "base"), runtime)
+    runtime = sharding.Runtime(cfg)
+    model2, params2, tok2 = inference.load_policy(cfg, str(tmp_path / "base"), runtime)
     # The architecture is the import's; runtime fields are the stage config's.
     assert model2.cfg == model.cfg.replace(scan_unroll=cfg.model.scan_unroll)
     assert tok2.prompt_format == tokenizers.CHATML_PROMPT_FORMAT

@@ -365,13 +365,14 @@ def test_nonfinite_updates_are_skipped_logged_and_a_run_of_them_stops(cli):
 # ---------------------------------------------------------------------------
 
 def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
-    """The real `ppo._loop` around tiny stand-ins for sampling, scoring and
-    the update, so its preemption, resume and guard run in a second."""
-    from rlhf_jax import sampling
-    from rlhf_jax.stages import common, ppo
+    """The real PPO iteration and host loop (`ppo.iteration_fn`, `ppo.make_loop`,
+    `loop.run`) around tiny stand-ins for sampling, scoring and the update, so
+    its preemption, resume and guard run in a second."""
+    from rlhf_jax import loop, sampling, train_state
+    from rlhf_jax.stages import ppo
 
     cfg = load_config("ppo", "tiny")
-    cfg.ppo.gold_eval = False
+    cfg.algo.gold_eval = False
     cfg.train.update(dict(steps=6, checkpoint_every=4, max_nonfinite_steps=3))
     nonfinite = nonfinite or {}
 
@@ -395,12 +396,12 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
         return (state.replace(step=state.step + 1, policy=policy, kl_coef=state.kl_coef * 0.9),
                 {"nonfinite": jnp.int32(n), "pg_loss": jnp.float32(np.nan if n else 0.0)})
 
-    def train_state(seed):
-        return common.TrainState(step=jnp.int32(0), params={"w": jnp.zeros(4)},
-                                 opt_state={"m": jnp.zeros(4)}, rng=jax.random.PRNGKey(seed),
-                                 nonfinite=jnp.int32(0))
+    def fresh_state(seed):
+        return train_state.TrainState(step=jnp.int32(0), params={"w": jnp.zeros(4)},
+                                      opt_state={"m": jnp.zeros(4)}, rng=jax.random.PRNGKey(seed),
+                                      nonfinite=jnp.int32(0))
 
-    state = ppo.PPOState(step=jnp.int32(0), policy=train_state(0), value=train_state(1),
+    state = ppo.PPOState(step=jnp.int32(0), policy=fresh_state(0), value=fresh_state(1),
                          kl_coef=jnp.float32(0.02), ema_params=None, ema_updates=jnp.int32(0))
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     loader = types.SimpleNamespace(
@@ -410,21 +411,24 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     tok = types.SimpleNamespace(eos_id=1, pad_id=0)
 
     def run(workdir):
-        return ppo._loop(cfg, workdir, runtime, types.SimpleNamespace(policy=None), ppo._hp(cfg, tok.eos_id),
-                         tok, state, state_sh, None, None, score, update, loader, None,
-                         {"model": {}, "tokenizer": "byte"}, 3, 3)
+        hp = ppo.hyperparams(cfg, tok.eos_id)
+        step_fn = ppo.iteration_fn(cfg, runtime, types.SimpleNamespace(policy=None), hp, tok, None,
+                                   None, score, update, loader, None)
+        return loop.run(ppo.make_loop(cfg, workdir, state, state_sh, step_fn,
+                                      {"model": {}, "tokenizer": "byte"}, hp,
+                                      ppo.host_metrics_fn(2)))
     return run
 
 
 def test_ppo_preemption_by_sigterm_or_orbax_notice_resumes_exactly(tmp_path, monkeypatch, capsys):
     from orbax.checkpoint import multihost
-    from rlhf_jax.stages import common
+    from rlhf_jax.errors import Preempted
 
     reference = _ppo_pieces(monkeypatch)(str(tmp_path / "full"))
 
     # SIGTERM during iteration 2: checkpoint at 2, then Preempted.
     run = _ppo_pieces(monkeypatch, kill_at=2)
-    with pytest.raises(common.Preempted):
+    with pytest.raises(Preempted):
         run(str(tmp_path / "term"))
     assert "[ppo] preempted: checkpoint saved at iteration 2" in capsys.readouterr().out
     assert checkpoint.resolve(str(tmp_path / "term"))[1] == 2
@@ -436,7 +440,7 @@ def test_ppo_preemption_by_sigterm_or_orbax_notice_resumes_exactly(tmp_path, mon
     # the loop must stop too, not only save and carry on until killed.
     monkeypatch.setattr(multihost, "reached_preemption", lambda step: step == 3)
     run = _ppo_pieces(monkeypatch)
-    with pytest.raises(common.Preempted):
+    with pytest.raises(Preempted):
         run(str(tmp_path / "notice"))
     assert checkpoint.resolve(str(tmp_path / "notice"))[1] == 3
     monkeypatch.setattr(multihost, "reached_preemption", lambda step: False)
@@ -477,8 +481,8 @@ def test_invalid_configs_fail_in_one_line_before_compiling(cli, tmp_path):
         "init_from_empty": (sft + [f"--config.init_from={empty}"], {},
                             ["init_from", "no finished checkpoint"]),
         "ppo_lengths": (ppo + [f"--config.reward_from={reward_model_from(cli.reference, str(tmp_path / 'rm'))}",
-                               "--config.data.max_prompt_len=100", "--config.ppo.max_new_tokens=40"],
-                        {}, ["data.max_prompt_len + ppo.max_new_tokens = 140", "context 128"]),
+                               "--config.data.max_prompt_len=100", "--config.sampling.max_new_tokens=40"],
+                        {}, ["data.max_prompt_len + sampling.max_new_tokens = 140", "context 128"]),
         "reward_from_empty": (ppo + [f"--config.reward_from={empty}"], {},
                               ["reward_from", "no finished checkpoint"]),
     }

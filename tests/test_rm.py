@@ -19,8 +19,10 @@ from rlhf_jax.data.jsonl import DataError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt, encode_response
-from rlhf_jax.stages import common, rm
-from rlhf_jax.stages.common import override
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models import resolve
+from rlhf_jax.stages import rm
+from rlhf_jax.stages.instructgpt import override
 from rlhf_jax.world import datasets, gold, labelers, tasks
 
 MICRO = ModelConfig(vocab_size=264, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
@@ -271,7 +273,7 @@ def test_bias_normalised_on_demonstrations_once(rm_run):
     demos = [json.loads(line) for line in open(cfg.data.demos_path)]
     assert len(demos) == cfg.data.demos_records == meta["demos_records"]  # all of them scored
     batch = pipeline.stack([preprocess.sft_example(tok, d, MAX_LEN) for d in demos])
-    model_cfg = common.model_config_from(cfg.model, meta["model"], "scalar")
+    model_cfg = resolve.model_config_from(cfg.model, meta["model"], "scalar")
     scores_NxL = jax.jit(lambda p, t, m: Transformer(model_cfg).apply({"params": p}, t, attn_mask=m))(
         params, batch["tokens"], batch["attn_mask"])
     last = batch["attn_mask"].sum(axis=1) - 1
@@ -336,5 +338,5 @@ def test_config_derives_one_epoch_and_rejects_unknown_variant():
     assert rm.train_steps(cfg, 33_000) == 7
     with pytest.raises(ValueError):
         load_config("rm", "huge")
-    with pytest.raises(common.ConfigError):
+    with pytest.raises(ConfigError):
         rm.check_config(_set(load_config("rm", "tiny"), **{"init_from": ""}))

@@ -11,7 +11,7 @@ import pytest
 from helpers import (ROOT, assert_trees_equal, load_config, micro_model, run_interrupted,
                      world_demos, write_jsonl)
 from rlhf_jax import checkpoint, stages
-from rlhf_jax.stages.common import override
+from rlhf_jax.stages.instructgpt import override
 from rlhf_jax.metrics import read_metrics
 
 
@@ -67,7 +67,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
     # A workdir whose checkpoint is past train.steps (made by a longer run)
     # is refused instead of being called finished without its end.
-    from rlhf_jax.stages.common import ConfigError
+    from rlhf_jax.errors import ConfigError
     with pytest.raises(ConfigError, match="past train.steps=4"):
         stages.run(override(cfg, **{"train.steps": 4}), str(tmp_path / "full"))
 

@@ -1,20 +1,32 @@
-"""One module per stage; `run(config, workdir)` dispatches on config.stage."""
-import importlib
+"""One module per stage; `run(config, workdir)` dispatches on config.stage.
+
+Training stages (sft.py for pretrain and SFT, rm.py, ppo.py) run in the
+host loop of rlhf_jax/loop.py; collect, evaluate and generate sample with
+rlhf_jax/inference.py; instructgpt.py chains them all (configs/instructgpt.py).
+
+The instruction world's gold labeler (rlhf_jax.world.gold_score) is a
+judge the RM and PPO stages are handed here, for the gold metrics they log;
+they do not import the world. collect and evaluate are the world's own
+stages: their labelers and judgements are the world's.
+"""
+from rlhf_jax import world
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.stages import collect, evaluate, generate, instructgpt, ppo, rm, sft
 
 STAGES = {
-    "pretrain": "rlhf_jax.stages.sft",
-    "sft": "rlhf_jax.stages.sft",
-    "rm": "rlhf_jax.stages.rm",
-    "collect": "rlhf_jax.stages.collect",
-    "ppo": "rlhf_jax.stages.ppo",
-    "evaluate": "rlhf_jax.stages.evaluate",
-    "generate": "rlhf_jax.stages.generate",
-    "pipeline": "rlhf_jax.stages.instructgpt",
+    "pretrain": sft.run,
+    "sft": sft.run,
+    "rm": lambda config, workdir: rm.run(config, workdir, judge=world.gold_score),
+    "collect": collect.run,
+    "ppo": lambda config, workdir: ppo.run(config, workdir, judge=world.gold_score),
+    "evaluate": evaluate.run,
+    "generate": generate.run,
+    "pipeline": lambda config, workdir: instructgpt.run(config, workdir, run_one=run),
 }
 
 
 def run(config, workdir: str):
     stage = config.stage
     if stage not in STAGES:
-        raise ValueError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
-    return importlib.import_module(STAGES[stage]).run(config, workdir)
+        raise ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
+    return STAGES[stage](config, workdir)

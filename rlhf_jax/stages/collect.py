@@ -1,7 +1,7 @@
 """Stage `collect`: the comparisons data set (InstructGPT step 2's data).
 
 For each prompt, K responses are sampled at temperature 1 from a mix of
-policies (`collect.policies`: by default 5 from the SFT model, `init_from`,
+policies (`comparisons.policies`: by default 5 from the SFT model, `init_from`,
 and 4 from the base model it was fine-tuned from, as InstructGPT's
 comparisons came from several models) and ranked by ONE simulated labeler
 (`rlhf_jax.world.labelers.rank`: gold score plus Gumbel noise, calibrated to
@@ -36,7 +36,7 @@ fewer than two non-empty responses. Empty responses (EOS first) cannot be
 written (the data layer requires non-empty strings), so they are dropped from
 their record and counted; the record keeps its other responses.
 
-Sampling is one jitted scan per batch of `collect.batch_size` rows (prompts
+Sampling is one jitted scan per batch of `comparisons.batch_size` rows (prompts
 repeated K times, so every call has the same shape and compiles once).
 """
 from __future__ import annotations
@@ -50,11 +50,12 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import assets, checkpoint
+from rlhf_jax import assets, checkpoint, inference, sharding
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import jsonl, sources
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.stages import common, generate
+from rlhf_jax.models import resolve
 from rlhf_jax.world import gold, labelers
 
 COMPARISONS = "comparisons.jsonl"
@@ -77,25 +78,25 @@ def _jax_rng(seed: int, name: str):
 
 def policy_mix(config) -> list[tuple[str, str, int]]:
     """(name, checkpoint directory, responses per prompt) of each policy of
-    `collect.policies`, whose paths may be "init_from" (the stage's policy)
-    or "base" (`collect.base_from`, empty: the shipped world base model)."""
+    `comparisons.policies`, whose paths may be "init_from" (the stage's policy)
+    or "base" (`comparisons.base_from`, empty: the shipped world base model)."""
     mix = []
-    for entry in config.collect.policies:
+    for entry in config.comparisons.policies:
         if len(entry) != 3:
-            raise common.ConfigError(f"collect.policies: {entry!r} is not (name, path, count)")
+            raise ConfigError(f"comparisons.policies: {entry!r} is not (name, path, count)")
         name, path, count = str(entry[0]), str(entry[1]), entry[2]
         if path == "init_from":
             path = config.init_from
         elif path == "base":
-            path = config.collect.base_from or assets.world_base_path()
+            path = config.comparisons.base_from or assets.world_base_path()
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise common.ConfigError(f"collect.policies: {name!r} has count {count!r}, "
+            raise ConfigError(f"comparisons.policies: {name!r} has count {count!r}, "
                                      f"expected an integer >= 0")
         if count:
             mix.append((name, path, count))
     names = [n for n, _, _ in mix]
     if len(set(names)) != len(names):
-        raise common.ConfigError(f"collect.policies: names repeat ({names})")
+        raise ConfigError(f"comparisons.policies: names repeat ({names})")
     return mix
 
 
@@ -110,11 +111,11 @@ def settings(config, workdir: str) -> dict:
         policies.append({"name": name, "path": directory,
                          "path_relative": os.path.relpath(directory, workdir),
                          "checkpoint_step": int(step), "count": count})
-    collect_cfg = config.collect.to_dict()
-    del collect_cfg["policies"], collect_cfg["base_from"]     # resolved in `policies`
+    comparisons_cfg = config.comparisons.to_dict()
+    del comparisons_cfg["policies"], comparisons_cfg["base_from"]  # resolved in `policies`
     wanted = {"policies": policies, "seed": int(config.seed),
               "max_prompt_len": int(config.data.max_prompt_len),
-              "collect": collect_cfg, "sampling": config.sampling.to_dict()}
+              "comparisons": comparisons_cfg, "sampling": config.sampling.to_dict()}
     return json.loads(json.dumps(wanted))    # as it reads back from collect.done
 
 
@@ -137,30 +138,30 @@ def _differing_settings(have: dict, wanted: dict) -> list[str]:
 
 
 def _check_config(config) -> None:
-    c = config.collect
+    c = config.comparisons
     if not config.init_from:
-        raise common.ConfigError("collect needs --config.init_from=<an SFT workdir or checkpoint>")
+        raise ConfigError("collect needs --config.init_from=<an SFT workdir or checkpoint>")
     if not checkpoint.has_checkpoint(config.init_from):
-        raise common.ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
+        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
     k = sum(count for _, _, count in policy_mix(config))
     if not MIN_K <= k <= MAX_K:
-        raise common.ConfigError(f"collect.policies: K = {k} responses per prompt in all; must be "
+        raise ConfigError(f"comparisons.policies: K = {k} responses per prompt in all; must be "
                                  f"{MIN_K} to {MAX_K} (InstructGPT used 4 to 9)")
     for name, path, _ in policy_mix(config):
         if not checkpoint.has_checkpoint(path):
-            raise common.ConfigError(f"collect.policies: {name!r} at {path!r}: no finished "
+            raise ConfigError(f"comparisons.policies: {name!r} at {path!r}: no finished "
                                      f"checkpoint there")
     if int(c.num_prompts) < 1:
-        raise common.ConfigError(f"collect.num_prompts={c.num_prompts}: must be at least 1")
+        raise ConfigError(f"comparisons.num_prompts={c.num_prompts}: must be at least 1")
     if int(c.num_eval_prompts) < 0:
-        raise common.ConfigError(f"collect.num_eval_prompts={c.num_eval_prompts}: must be >= 0")
+        raise ConfigError(f"comparisons.num_eval_prompts={c.num_eval_prompts}: must be >= 0")
     if int(c.batch_size) < 1:
-        raise common.ConfigError(f"collect.batch_size={c.batch_size}: must be at least 1")
+        raise ConfigError(f"comparisons.batch_size={c.batch_size}: must be at least 1")
     if config.sampling.greedy:
-        raise common.ConfigError("collect needs sampling.greedy=False: greedy decoding gives K "
+        raise ConfigError("collect needs sampling.greedy=False: greedy decoding gives K "
                                  "identical responses, which all tie and carry no preference")
     if float(config.sampling.temperature) <= 0:
-        raise common.ConfigError(f"sampling.temperature={config.sampling.temperature}: must be > 0")
+        raise ConfigError(f"sampling.temperature={config.sampling.temperature}: must be > 0")
 
 
 def _finished(workdir: str, wanted: dict) -> Optional[dict]:
@@ -173,7 +174,7 @@ def _finished(workdir: str, wanted: dict) -> Optional[dict]:
         have = json.load(f)
     changed = _differing_settings(have, wanted)
     if changed:
-        raise common.ConfigError(
+        raise ConfigError(
             f"{workdir} already holds comparisons collected with other settings "
             f"(differing: {', '.join(changed)}); use a new workdir or delete {done}")
     missing = [n for n in (COMPARISONS, COMPARISONS_EVAL, COMPARISONS_EVAL_SFT, SUMMARY)
@@ -185,7 +186,7 @@ def _finished(workdir: str, wanted: dict) -> Optional[dict]:
 
 
 def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int,
-                 key: str = "collect.num_prompts") -> tuple[list[str], list[str], int]:
+                 key: str = "comparisons.num_prompts") -> tuple[list[str], list[str], int]:
     """The first `n` (prompt, category) of a prompts source, and how many were
     dropped as too long (data.drop_invalid) on the way.
 
@@ -223,7 +224,7 @@ def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int
         if len(prompts) == n:
             break
     if len(prompts) < n:
-        raise common.ConfigError(f"{spec} (split {split!r}) has {len(prompts)} usable prompts, "
+        raise ConfigError(f"{spec} (split {split!r}) has {len(prompts)} usable prompts, "
                                  f"fewer than the {n} asked for; lower {key}")
     return prompts, categories, dropped
 
@@ -231,9 +232,9 @@ def load_prompts(config, spec: str, split: str, n: int, tok, max_prompt_len: int
 def sample_groups(runtime, model, params, tok, prompts: Sequence[str], k: int, sampling_cfg,
                   max_prompt_len: int, batch_size: int, rng) -> list[list[tuple[str, bool]]]:
     """K sampled (text, finished) per prompt: all prompts x K rows through
-    `generate.respond` (each prompt repeated K times in the batch, one compile)."""
+    `inference.respond` (each prompt repeated K times in the batch, one compile)."""
     rows = [p for p in prompts for _ in range(k)]
-    out = generate.respond(runtime, model, params, tok, rows, sampling_cfg, max_prompt_len,
+    out = inference.respond(runtime, model, params, tok, rows, sampling_cfg, max_prompt_len,
                            batch_size, rng)
     return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
 
@@ -364,15 +365,15 @@ def run(config, workdir: str):
                   flush=True)
         return previous
 
-    c = config.collect
+    c = config.comparisons
     mix = policy_mix(config)
     k = sum(count for _, _, count in mix)
     seed = int(config.seed)
     t_start = time.time()
-    runtime = common.Runtime(config)
+    runtime = sharding.Runtime(config)
     max_prompt_len = int(config.data.max_prompt_len)
     max_new = int(config.sampling.max_new_tokens)
-    tok = common.tokenizer_from_meta(checkpoint.read_meta(mix[0][1]))
+    tok = resolve.tokenizer_from_meta(checkpoint.read_meta(mix[0][1]))
     noise_scale = float(c.noise_scale)
     if noise_scale < 0:
         noise_scale = labelers.calibrate_noise_scale()
@@ -380,10 +381,10 @@ def run(config, workdir: str):
     writer = MetricsWriter(workdir, STAGE, progress=False)
     try:
         parts = [("train", c.prompts, c.split, int(c.num_prompts), "labeler",
-                  "collect.num_prompts")]
+                  "comparisons.num_prompts")]
         if int(c.num_eval_prompts):
             parts.append(("eval", c.eval_prompts, c.eval_split, int(c.num_eval_prompts),
-                          "eval_labeler", "collect.num_eval_prompts"))
+                          "eval_labeler", "comparisons.num_eval_prompts"))
         # Every prompt set is loaded (and checked) before any sampling, so that
         # a bad eval set fails in seconds, not after the train set's samples.
         loaded = [load_prompts(config, spec, split, n, tok, max_prompt_len, key)
@@ -393,15 +394,14 @@ def run(config, workdir: str):
         sample_s = {name: 0.0 for name, *_ in parts}
         # One policy in memory at a time; each samples its share of every prompt set.
         for policy_name, path, count in mix:
-            model, params, policy_tok = generate.load_policy(config, path, runtime)
+            model, params, policy_tok = inference.load_policy(config, path, runtime)
             if tokenizers.signature(policy_tok) != tokenizers.signature(tok):
-                raise common.ConfigError(
-                    f"collect.policies: {policy_name!r} ({path}) has another tokenizer than "
+                raise ConfigError(
+                    f"comparisons.policies: {policy_name!r} ({path}) has another tokenizer than "
                     f"{mix[0][0]!r} ({mix[0][1]}); comparisons need one tokenizer")
-            if max_prompt_len + max_new > model.cfg.max_len:
-                raise common.ConfigError(
-                    f"data.max_prompt_len + sampling.max_new_tokens = {max_prompt_len + max_new} "
-                    f"exceeds the context {model.cfg.max_len} of policy {policy_name!r}")
+            resolve.check_context(model.cfg, max_prompt_len + max_new,
+                                  f"policy {policy_name!r}: data.max_prompt_len + "
+                                  f"sampling.max_new_tokens")
             for (name, *_), (prompts, _, _) in zip(parts, loaded):
                 t0 = time.time()
                 out = sample_groups(runtime, model, params, tok, prompts, count, config.sampling,
@@ -435,7 +435,7 @@ def run(config, workdir: str):
 
         train = results["train"]
         if not train["records"]:
-            raise common.ConfigError(
+            raise ConfigError(
                 f"collect: none of the {len(train['prompts'])} prompts gave a comparison: every "
                 f"record had all K responses tied or empty (is the policy deterministic? "
                 f"sampling.temperature={config.sampling.temperature})")

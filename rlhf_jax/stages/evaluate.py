@@ -48,21 +48,20 @@ import functools
 import json
 import os
 import time
-import zlib
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, distributed, report, rl, sampling
+from rlhf_jax import checkpoint, distributed, inference, report, rl, sampling, sharding
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax import world
-from rlhf_jax.data import pipeline, preprocess, sources
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.inference import Responses
 from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.stages import common, data_setup, generate, sft
+from rlhf_jax.stages import eval_prompts, sft
 
 FEWSHOT_SUFFIX = "_fewshot"
 # The keys DESIGN.md promises in eval.json for every policy.
@@ -75,23 +74,6 @@ CORRECT_SCORE = world.gold.SCORES["correct"]
 # KL(policy || reference) along the policy's own responses
 # ---------------------------------------------------------------------------
 
-def token_kl_from_logits(policy_logits_BxTxV, ref_logits_BxTxV) -> jax.Array:
-    """Exact KL(pi || ref) between the next-token distributions softmax(logits)
-    at every position, summed over the full vocabulary; [B, T] float32 (nats)."""
-    logp_BxTxV = jax.nn.log_softmax(policy_logits_BxTxV.astype(jnp.float32), axis=-1)
-    logq_BxTxV = jax.nn.log_softmax(ref_logits_BxTxV.astype(jnp.float32), axis=-1)
-    p_BxTxV = jnp.exp(logp_BxTxV)
-    # A token pi gives probability 0 contributes 0 (not 0 * -inf).
-    return jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * (logp_BxTxV - logq_BxTxV), 0.0), axis=-1)
-
-
-def response_kl(policy_logits_BxNxV, ref_logits_BxNxV, response_mask_BxN) -> jax.Array:
-    """KL per response: token KLs summed over the response tokens (mask 1 up to
-    and including EOS, 0 after it); [B] float32."""
-    return rl.masked_sum(token_kl_from_logits(policy_logits_BxNxV, ref_logits_BxNxV),
-                         response_mask_BxN, axis=-1)
-
-
 def response_logits(model: Transformer, params, prompt_BxP, prompt_mask_BxP, response_BxN,
                     response_mask_BxN) -> jax.Array:
     """Logits [B, N, V] of the predictions of each response token, from one
@@ -99,9 +81,8 @@ def response_logits(model: Transformer, params, prompt_BxP, prompt_mask_BxP, res
     the mask, as the sampler saw them)."""
     tokens_BxS, attn_BxS = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP,
                                                            response_BxN, response_mask_BxN)
-    logits_BxSxV = model.apply({"params": params}, tokens_BxS, attn_mask=attn_BxS)
-    p, n = prompt_BxP.shape[1], response_BxN.shape[1]
-    return logits_BxSxV[:, p - 1:p + n - 1]
+    return inference.response_outputs(model, params, tokens_BxS, attn_BxS, prompt_BxP.shape[1],
+                                      response_BxN.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("policy_model", "ref_model"))
@@ -119,7 +100,7 @@ def response_kl_on_batch(policy_params, ref_params, batch, *, policy_model: Tran
     ref_BxNxV = response_logits(ref_model, ref_params, batch["ref_prompt"],
                                 batch["ref_prompt_mask"], batch["response"],
                                 batch["response_mask"])
-    return response_kl(policy_BxNxV, ref_BxNxV, batch["response_mask"])
+    return rl.response_kl(policy_BxNxV, ref_BxNxV, batch["response_mask"])
 
 
 _lm_eval_step = jax.jit(sft.eval_step, static_argnames="model")
@@ -185,14 +166,14 @@ def policy_specs(config) -> list[PolicySpec]:
     after its base policy."""
     paths = {str(k): str(v) for k, v in config.policies.items() if v}
     if not paths:
-        raise common.ConfigError("evaluate needs at least one --config.policies.<name>=PATH")
+        raise ConfigError("evaluate needs at least one --config.policies.<name>=PATH")
     if config.reference not in paths:
-        raise common.ConfigError(
+        raise ConfigError(
             f"reference={config.reference!r} has no checkpoint: set "
             f"--config.policies.{config.reference}=PATH (policies given: {sorted(paths)})")
     missing = {n: p for n, p in paths.items() if not checkpoint.has_checkpoint(p)}
     if missing:
-        raise common.ConfigError("no finished checkpoint for policies " + ", ".join(
+        raise ConfigError("no finished checkpoint for policies " + ", ".join(
             f"{n}={p!r}" for n, p in sorted(missing.items())))
     order = [n for n in config.policy_order if n in paths]
     order += sorted(n for n in paths if n not in order)
@@ -204,182 +185,20 @@ def policy_specs(config) -> list[PolicySpec]:
     return specs
 
 
-def fewshot_demonstrations(categories: Sequence[str], seed: int = 0) -> list[dict]:
-    """One fixed demonstration per category, from TRAIN words (the eval
-    prompts use held-out ones), with the correct, concise response."""
-    unknown = [c for c in categories if c not in world.CATEGORIES]
-    if unknown:
-        raise common.ConfigError(f"fewshot_categories: unknown categories {unknown}; expected "
-                                 f"some of {world.CATEGORIES}")
-    rng = np.random.default_rng([int(seed), zlib.crc32(b"fewshot")])
-    demos = []
-    for category in categories:
-        task = world.sample_task(rng, category, "train")
-        demos.append({"prompt": task.prompt, "response": world.correct_response(task, rng)})
-    return demos
-
-
-def fewshot_prefix_ids(tok, demos: Sequence[dict]) -> list[int]:
-    """The demonstrations as whole conversations, each ended by EOS, as the
-    pretraining corpus lays out a document."""
-    ids: list[int] = []
-    for d in demos:
-        ids += tokenizers.encode_prompt(tok, d["prompt"]) + tokenizers.encode_response(tok, d["response"])
-    return ids
-
-
-def fewshot_prefixes(tok, prompts: Sequence[str], demos: Sequence[dict], budget: int
-                     ) -> tuple[list[list[int]], list[int]]:
-    """Each prompt's few-shot prefix: the demonstrations, in order, that fit
-    with the prompt in `budget` tokens (the context less the new tokens); a
-    demonstration that does not fit is left out, so a long prompt may get
-    fewer (or none) and a prompt never overflows the context. Returns the
-    prefixes and how many demonstrations each holds."""
-    demo_ids = [fewshot_prefix_ids(tok, [d]) for d in demos]
-    prefixes, counts = [], []
-    for prompt in prompts:
-        room = budget - len(tokenizers.encode_prompt(tok, prompt))
-        prefix: list[int] = []
-        count = 0
-        for ids in demo_ids:
-            if len(prefix) + len(ids) <= room:
-                prefix += ids
-                count += 1
-        prefixes.append(prefix)
-        counts.append(count)
-    return prefixes, counts
-
-
-def encode_prompts(tok, prompts: Sequence[str], prefixes: Sequence[Sequence[int]],
-                   prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prefix + conversation-format prompts: tokens, mask [N, P].
-    `prefixes`: one token prefix per prompt (empty for plain prompts)."""
-    tokens_NxP = np.full((len(prompts), prompt_len), tok.pad_id, np.int32)
-    mask_NxP = np.zeros((len(prompts), prompt_len), np.int32)
-    for i, prompt in enumerate(prompts):
-        ids = list(prefixes[i]) + tokenizers.encode_prompt(tok, prompt)
-        if len(ids) > prompt_len:
-            raise common.ConfigError(f"prompt {prompt!r} is {len(ids)} tokens with its prefix, "
-                                     f"more than {prompt_len}")
-        tokens_NxP[i, prompt_len - len(ids):] = ids
-        mask_NxP[i, prompt_len - len(ids):] = 1
-    return tokens_NxP, mask_NxP
-
-
-def _split_for(spec: str, split: str) -> str:
-    """TFDS sources take the configured split; a JSONL file has only "train"."""
-    return split if str(spec).startswith(sources.TFDS_PREFIX) else "train"
-
-
-def load_eval_prompts(config, tok) -> tuple[list[str], list[str], str]:
-    """(prompts, their categories, source name): world prompts no longer than
-    data.max_prompt_len, the first data.max_prompts of them if set."""
-    max_prompt_len = int(config.data.max_prompt_len)
-    check = data_setup.length_check(lambda r: len(tokenizers.encode_prompt(tok, r["prompt"])),
-                                    max_prompt_len, "the prompt (data.max_prompt_len)")
-    src = data_setup.open_source(config, config.data.path, "prompts", check,
-                                 split=_split_for(config.data.path, config.data.split))
-    n = len(src) if not int(config.data.max_prompts) else min(len(src), int(config.data.max_prompts))
-    prompts = [r["prompt"] for r in src.records(range(n))]
-    categories = []
-    for i, prompt in enumerate(prompts):
-        try:
-            categories.append(world.category_of(prompt))
-        except ValueError:
-            raise common.ConfigError(
-                f"{src.name} record {i}: {prompt!r} is not a prompt of the instruction world, "
-                f"which the gold labeler cannot judge") from None
-    return prompts, categories, src.name
-
-
-def load_text_batches(config, tok) -> tuple[list[dict], str, int]:
-    """At most data.text_batches batches of held-out documents (this process's
-    rows; padding rows carry no loss), the source name and the number of
-    documents in all processes' batches together."""
-    src = data_setup.open_source(config, config.data.text_path, "text",
-                                 split=_split_for(config.data.text_path, config.data.text_split))
-    transform = functools.partial(preprocess.text_example, tok, max_len=int(config.data.max_len))
-    batches = []
-    batches_B = pipeline.batches_once(src, int(config.score_batch_size), transform,
-                                      jax.process_index(), jax.process_count())
-    for i, (batch, valid_B) in enumerate(batches_B):
-        if i >= int(config.data.text_batches):
-            break
-        batch = dict(batch)
-        batch["loss_mask"] = batch["loss_mask"] * valid_B.astype(np.float32)[:, None]
-        batches.append(batch)
-    n_documents = min(len(src), len(batches) * int(config.score_batch_size))
-    return batches, src.name, n_documents
-
-
 # ---------------------------------------------------------------------------
 # Model passes
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Responses:
-    tokens_NxT: np.ndarray     # int32, pad after EOS
-    mask_NxT: np.ndarray       # float32, 1 up to and including EOS
-    finished_N: np.ndarray     # bool, EOS reached
-    texts: list                # response text cut at EOS
-
-
-def _to_device(runtime: common.Runtime, rows: dict) -> dict:
-    """Rows every process holds in full -> global arrays sharded over the
-    batch axes, each process contributing its own slice of rows."""
-    n, k = jax.process_count(), jax.process_index()
-    return runtime.global_batch({key: np.split(np.asarray(v), n)[k] for key, v in rows.items()})
-
-
-def _to_host_sum(local: np.ndarray) -> float:
-    """Sum of a host value over all processes."""
-    if jax.process_count() == 1:
-        return float(local.sum())
-    return float(np.asarray(multihost_utils.process_allgather(local)).sum())
-
-
-def _round_batch(runtime: common.Runtime, batch_size: int) -> int:
-    n_dev = runtime.mesh.shape["data"] * runtime.mesh.shape["fsdp"]
-    return max(n_dev, batch_size - batch_size % n_dev)
-
-
-def _padded_rows(n: int, batch_size: int):
-    """(start, row indices [batch_size], number of real rows): the last batch
-    is padded with copies of the last row, so every batch has one shape."""
-    for start in range(0, n, batch_size):
-        rows = np.minimum(np.arange(start, start + batch_size), n - 1)
-        yield start, rows, min(batch_size, n - start)
-
-
-def sample_responses(runtime: common.Runtime, model: Transformer, params, tok,
-                     prompt_NxP: np.ndarray, prompt_mask_NxP: np.ndarray, sampling_cfg,
-                     batch_size: int, rng) -> Responses:
-    """Responses to pre-encoded prompts, in order, with their tokens."""
-    batch_size = _round_batch(runtime, batch_size)
-    tokens, masks, finished = [], [], []
-    with runtime.activations():
-        for start, rows, n_real in _padded_rows(len(prompt_NxP), batch_size):
-            batch = _to_device(runtime, {"tokens": prompt_NxP[rows], "mask": prompt_mask_NxP[rows]})
-            out = generate.sample_batch(model, params, tok, batch["tokens"], batch["mask"],
-                                        jax.random.fold_in(rng, start), sampling_cfg)
-            tokens.append(distributed.gather(out.tokens)[:n_real])
-            masks.append(distributed.gather(out.mask)[:n_real])
-            finished.append(distributed.gather(out.finished)[:n_real])
-    tokens_NxT = np.concatenate(tokens)
-    texts = [tokenizers.decode_response(tok, row)[0] for row in tokens_NxT]
-    return Responses(tokens_NxT, np.concatenate(masks), np.concatenate(finished), texts)
-
-
-def kl_per_response(runtime: common.Runtime, policy, ref, policy_prompts, ref_prompts,
+def kl_per_response(runtime: sharding.Runtime, policy, ref, policy_prompts, ref_prompts,
                     responses: Responses, batch_size: int) -> np.ndarray:
     """KL(policy || ref) of every response; [N]. `policy`/`ref` are
     (model, params); the prompts are (tokens [N, P], mask [N, P])."""
-    batch_size = _round_batch(runtime, batch_size)
+    batch_size = runtime.round_batch(batch_size)
     n = len(responses.tokens_NxT)
     kl_N = np.zeros((n,), np.float64)
     with runtime.activations():
-        for start, rows, n_real in _padded_rows(n, batch_size):
-            batch = _to_device(runtime, {
+        for start, rows, n_real in inference.padded_batches(n, batch_size):
+            batch = inference.to_device(runtime, {
                 "policy_prompt": policy_prompts[0][rows], "policy_prompt_mask": policy_prompts[1][rows],
                 "ref_prompt": ref_prompts[0][rows], "ref_prompt_mask": ref_prompts[1][rows],
                 "response": responses.tokens_NxT[rows], "response_mask": responses.mask_NxT[rows]})
@@ -389,7 +208,7 @@ def kl_per_response(runtime: common.Runtime, policy, ref, policy_prompts, ref_pr
     return kl_N
 
 
-def pretrain_loss(runtime: common.Runtime, model: Transformer, params,
+def pretrain_loss(runtime: sharding.Runtime, model: Transformer, params,
                   batches: Sequence[dict]) -> float:
     """Token-weighted mean next-token loss over the held-out document batches."""
     total, count = 0.0, 0.0
@@ -403,22 +222,6 @@ def pretrain_loss(runtime: common.Runtime, model: Transformer, params,
 # ---------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------
-
-def _check_context(model: Transformer, name: str, longest_prompt: int, max_new: int,
-                   warnings: list):
-    """Positions reach longest_prompt + max_new - 1. Learned positions (GPT-2)
-    cannot go past the context; RoPE models can, but outside what they were
-    trained on, which the report then says."""
-    need = longest_prompt + max_new
-    if need <= model.cfg.max_len:
-        return
-    msg = (f"{name}: prompts of up to {longest_prompt} tokens + {max_new} new tokens exceed the "
-           f"model's context of {model.cfg.max_len}")
-    if model.cfg.arch == "gpt2":
-        raise common.ConfigError(msg + " (learned positions); shorten data.max_prompt_len, "
-                                 "sampling.max_new_tokens or fewshot_categories")
-    warnings.append(msg + " (RoPE positions beyond the trained context)")
-
 
 @dataclasses.dataclass
 class EvalSet:
@@ -439,21 +242,19 @@ def _gold_scores(prompts: Sequence[str], responses: Responses) -> list[float]:
 
 def run(config, workdir: str) -> dict:
     t_start = time.time()
-    runtime = common.Runtime(config)
+    runtime = sharding.Runtime(config)
     specs = policy_specs(config)
     if config.fewshot_policy and not any(s.fewshot for s in specs):
         print(f"[evaluate] fewshot_policy={config.fewshot_policy!r} has no checkpoint in "
               f"policies: no few-shot variant", flush=True)
     ref_spec = next(s for s in specs if s.name == config.reference and not s.fewshot)
-    ref = generate.load_policy(config, ref_spec.path, runtime)      # (model, params, tok)
+    ref = inference.load_policy(config, ref_spec.path, runtime)      # (model, params, tok)
     ref_model, tok = ref[0], ref[2]
-    if config.data.max_len > ref_model.cfg.max_len and ref_model.cfg.arch == "gpt2":
-        raise common.ConfigError(f"data.max_len={config.data.max_len} exceeds the model's "
-                                 f"context {ref_model.cfg.max_len}")
+    resolve.check_context(ref_model.cfg, int(config.data.max_len), "data.max_len", rope_ok=True)
 
-    prompts, categories, prompt_source = load_eval_prompts(config, tok)
-    text_batches, text_source, n_documents = load_text_batches(config, tok)
-    demos = (fewshot_demonstrations(config.fewshot_categories)
+    prompts, categories, prompt_source = eval_prompts.load_eval_prompts(config, tok)
+    text_batches, text_source, n_documents = eval_prompts.load_text_batches(config, tok)
+    demos = (eval_prompts.fewshot_demonstrations(config.fewshot_categories)
              if any(s.fewshot for s in specs) else [])
     # The few-shot prompts fit the context with the new tokens (a prompt takes
     # the demonstrations that fit); one prompt length for every policy, so the
@@ -463,12 +264,12 @@ def run(config, workdir: str) -> dict:
     prefixes, demo_counts = None, []
     if demos:
         budget = max(ref_model.cfg.max_len - max_new, prompt_len)
-        prefixes, demo_counts = fewshot_prefixes(tok, prompts, demos, budget)
+        prefixes, demo_counts = eval_prompts.fewshot_prefixes(tok, prompts, demos, budget)
         prompt_len = max(prompt_len, max(len(x) + len(tokenizers.encode_prompt(tok, p))
                                          for x, p in zip(prefixes, prompts)))
-    evalset = EvalSet(prompts, categories, encode_prompts(tok, prompts, [[]] * len(prompts),
+    evalset = EvalSet(prompts, categories, eval_prompts.encode_prompts(tok, prompts, [[]] * len(prompts),
                                                           prompt_len),
-                      encode_prompts(tok, prompts, prefixes, prompt_len) if demos else None)
+                      eval_prompts.encode_prompts(tok, prompts, prefixes, prompt_len) if demos else None)
     print(f"[evaluate] {len(prompts)} prompts from {prompt_source}, {len(text_batches)} document "
           f"batches from {text_source}; policies: {', '.join(s.name for s in specs)}", flush=True)
 
@@ -477,9 +278,16 @@ def run(config, workdir: str) -> dict:
 
     def respond(spec: PolicySpec, model: Transformer, params) -> Responses:
         tokens_NxP, mask_NxP = evalset.encoded(spec)
-        _check_context(model, spec.name, int(mask_NxP.sum(1).max()), max_new, warnings)
-        return sample_responses(runtime, model, params, tok, tokens_NxP, mask_NxP,
-                                config.sampling, int(config.batch_size), rng)
+        # Positions reach the longest prompt + max_new - 1; past the context
+        # a RoPE model runs outside what it was trained on, which the report says.
+        warning = resolve.check_context(
+            model.cfg, int(mask_NxP.sum(1).max()) + max_new,
+            f"{spec.name}: the longest prompt (with data.max_prompt_len, fewshot_categories) + "
+            f"sampling.max_new_tokens", rope_ok=True)
+        if warning:
+            warnings.append(warning)
+        return inference.respond_encoded(runtime, model, params, tok, tokens_NxP, mask_NxP,
+                                         config.sampling, int(config.batch_size), rng)
 
     sampled_cfg = None
     if float(config.sample_temperature) > 0:
@@ -489,8 +297,8 @@ def run(config, workdir: str) -> dict:
 
     def sampled_scores(spec: PolicySpec, model: Transformer, params) -> list[float]:
         tokens_NxP, mask_NxP = evalset.encoded(spec)
-        out = sample_responses(runtime, model, params, tok, tokens_NxP, mask_NxP, sampled_cfg,
-                               int(config.batch_size), sampled_rng)
+        out = inference.respond_encoded(runtime, model, params, tok, tokens_NxP, mask_NxP,
+                                        sampled_cfg, int(config.batch_size), sampled_rng)
         return _gold_scores(prompts, out)
 
     ref_responses = respond(ref_spec, ref_model, ref[1])
@@ -505,7 +313,7 @@ def run(config, workdir: str) -> dict:
         t0 = time.time()
         if spec.path not in loaded:   # hold the reference and the current policy only
             loaded = {ref_spec.path: ref,
-                      spec.path: generate.load_policy(config, spec.path, runtime)}
+                      spec.path: inference.load_policy(config, spec.path, runtime)}
         model, params, policy_tok = loaded[spec.path]
         _check_compatible(spec, model, policy_tok, ref_spec, ref_model, tok)
         if spec == ref_spec:
@@ -560,7 +368,7 @@ def run(config, workdir: str) -> dict:
                                      if c in categories},
             "documents": text_source,
             "n_documents": n_documents,
-            "n_document_tokens": int(_to_host_sum(local_tokens)),
+            "n_document_tokens": int(distributed.host_sum(local_tokens)),
             "sampling": dict(config.sampling),
             "fewshot_demonstrations": demos,
             # How many of them fit each prompt's context (fewshot_prefixes).
@@ -579,10 +387,10 @@ def _check_compatible(spec: PolicySpec, model: Transformer, tok, ref_spec: Polic
                       ref_model: Transformer, ref_tok):
     """Policies are judged on the reference's prompts and token ids."""
     if tokenizers.signature(tok) != tokenizers.signature(ref_tok):
-        raise common.ConfigError(f"policy {spec.name!r} ({spec.path}) has another tokenizer "
+        raise ConfigError(f"policy {spec.name!r} ({spec.path}) has another tokenizer "
                                  f"than the reference {ref_spec.name!r}")
     if model.cfg.vocab_size != ref_model.cfg.vocab_size:
-        raise common.ConfigError(f"policy {spec.name!r} has vocab_size {model.cfg.vocab_size}, "
+        raise ConfigError(f"policy {spec.name!r} has vocab_size {model.cfg.vocab_size}, "
                                  f"the reference {ref_model.cfg.vocab_size}: no full-vocabulary KL")
 
 

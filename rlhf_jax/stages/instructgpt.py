@@ -13,10 +13,22 @@ import json
 import os
 import time
 
+from typing import Callable
+
 import jax
 
-from rlhf_jax import console, stages
-from rlhf_jax.stages.common import override
+from rlhf_jax import console
+
+
+def override(config, **dotted):
+    """Sets `{"train.steps": 3, ...}` on a config (a stage's copy; never the user's)."""
+    for key, value in dotted.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
 
 
 def _stage_config(config, name: str, **paths):
@@ -38,7 +50,7 @@ def import_pretrained(spec: str, dest: str) -> str:
     as `spec` and rebuilt from it."""
     from rlhf_jax import checkpoint
     from rlhf_jax.models import pretrained
-    from rlhf_jax.stages.common import model_meta
+    from rlhf_jax.models.resolve import model_meta
     cfg, _, params = pretrained.load_for_config(spec)
     return checkpoint.write_params(dest, 0, params, model_meta(cfg.replace(head="lm"), spec))
 
@@ -56,7 +68,9 @@ def _base_path(config, workdir: str, run_stage) -> str:
     return assets.world_base_path()
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, run_one: Callable):
+    """Runs the pipeline's stages, each through `run_one(stage_config,
+    stage_workdir)` (rlhf_jax.stages.run, which passes itself)."""
     os.makedirs(os.path.join(workdir, ".done"), exist_ok=True)
     timings: dict[str, float] = {}
     timings_path = os.path.join(workdir, "pipeline.json")
@@ -75,7 +89,7 @@ def run(config, workdir: str):
         if job is not None:
             job(stage_dir)
         else:
-            stages.run(sub, stage_dir)
+            run_one(sub, stage_dir)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         if jax.process_index() == 0:
             open(_done_marker(workdir, name), "w").close()
@@ -87,7 +101,7 @@ def run(config, workdir: str):
     base = _base_path(config, workdir, run_stage)
     sft = run_stage("sft", _stage_config(config, "sft", init_from=base))
     collect = run_stage("collect", _stage_config(config, "collect", init_from=sft,
-                                                 **{"collect.base_from": base}))
+                                                 **{"comparisons.base_from": base}))
     rm = run_stage("rm", _stage_config(
         config, "rm", init_from=sft,
         **{"data.path": os.path.join(collect, "comparisons.jsonl"),
@@ -96,8 +110,8 @@ def run(config, workdir: str):
     ppo_runs = {}
     if config.run_plain_ppo:
         ppo_runs["ppo"] = run_stage("ppo", _stage_config(
-            config, "ppo", init_from=sft, reward_from=rm, **{"ppo.ptx_coef": 0.0}))
-    if config.ppo.ppo.ptx_coef > 0:
+            config, "ppo", init_from=sft, reward_from=rm, **{"algo.ptx_coef": 0.0}))
+    if config.ppo.algo.ptx_coef > 0:
         ppo_runs["ppo_ptx"] = run_stage("ppo_ptx", _stage_config(
             config, "ppo", init_from=sft, reward_from=rm))
 
@@ -123,8 +137,8 @@ def print_results(workdir: str):
 def _notes(config, timings) -> str:
     c = config
     scale = (f"Data scale: SFT {c.sft.train.steps} steps x {c.sft.train.batch_size} demonstrations; "
-             f"{c.collect.collect.num_prompts} comparison prompts x K={_k(c.collect.collect)} "
-             f"({_mix(c.collect.collect)}; paper: 33k prompts, K=4..9); RM {_epochs(c.rm.train)}; PPO {c.ppo.train.steps} iterations x "
+             f"{c.collect.comparisons.num_prompts} comparison prompts x "
+             f"K={_k(c.collect.comparisons)} ({_mix(c.collect.comparisons)}; paper: 33k prompts, K=4..9); RM {_epochs(c.rm.train)}; PPO {c.ppo.train.steps} iterations x "
              f"{c.ppo.train.batch_size} prompts (paper: 256k episodes). ")
     stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     return scale + (f"Stage times: {stage_times}." if stage_times else "")

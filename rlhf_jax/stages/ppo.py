@@ -31,33 +31,41 @@ as text, and the RM reads its score at an EOS appended to the text. Here its
 last token is replaced by EOS for the RM's pass (the policy's and value's
 passes see the tokens sampled), and `missing_eos_penalty` is subtracted.
 
-Dropout is off everywhere (the models are deterministic).
+Dropout is off everywhere (the models are deterministic). The iterations
+run in the host loop every stage shares (rlhf_jax/loop.py): one iteration is
+a step, its metrics are read one iteration late, so the host prepares the
+next batch while the device still works on this one.
+
+Config: PPO's hyperparameters in `algo`, the rollouts' sampling in
+`sampling` (as in every sampling stage), `train` for the optimizer and the
+loop (`train.steps` iterations of `train.batch_size` prompts).
 """
 from __future__ import annotations
 
 import functools
-import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, distributed, losses, rl, sampling, sharding
+from rlhf_jax import checkpoint, inference, loop, losses, rl, sampling, sharding, train_state
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import preprocess
-from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.data import setup as data_setup
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.stages import common, data_setup
 
 
 @flax.struct.dataclass
 class PPOState:
     step: jax.Array                 # PPO iterations done
-    policy: common.TrainState
-    value: common.TrainState
+    policy: train_state.TrainState
+    value: train_state.TrainState
     kl_coef: jax.Array              # f32 scalar; changes only with the adaptive controller
     ema_params: Any                 # EMA of policy params (not debiased), or None when disabled
     ema_updates: jax.Array          # optimizer updates averaged into ema_params
@@ -82,25 +90,6 @@ class Models:
     reward: Transformer = flax.struct.field(pytree_node=False)
 
 
-def _response_outputs(model: Transformer, params, tokens, attn, p: int, n: int):
-    """The model's outputs (logits, or scalar scores) at the positions that
-    predict (or precede) each response token: [B, n(, V)]."""
-    return model.apply({"params": params}, tokens, p - 1, n, attn_mask=attn,
-                       method=Transformer.outputs_at)
-
-
-def reward_scores(model: Transformer, params, tokens_BxS, attn_BxS, last_B, finished_B,
-                  eos_id: int):
-    """The RM's score of each response at its last token [B]; an unfinished
-    response gets EOS in place of its last token, as the RM was trained on
-    text followed by EOS (see the module doc)."""
-    rows = jnp.arange(tokens_BxS.shape[0])
-    at_last = tokens_BxS[rows, last_B]
-    tokens_BxS = tokens_BxS.at[rows, last_B].set(jnp.where(finished_B, at_last, eos_id))
-    scores_BxS = model.apply({"params": params}, tokens_BxS, attn_mask=attn_BxS)
-    return scores_BxS[rows, last_B]
-
-
 def score_rollout(policy_params, ref_params, value_params, reward_params, prompt_BxP,
                   prompt_mask_BxP, response_BxN, mask_BxN, finished_B, kl_coef, *,
                   models: Models, hp) -> tuple[Rollout, dict]:
@@ -111,14 +100,14 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     mask = mask_BxN.astype(jnp.float32)
 
     def logp_of(params):
-        logits = _response_outputs(models.policy, params, tokens, attn, p, n)
+        logits = inference.response_outputs(models.policy, params, tokens, attn, p, n)
         return rl.logprobs_from_logits(logits, response_BxN, hp.temperature), logits
 
     old_logp, logits = logp_of(policy_params)
     ref_logp, _ = logp_of(ref_params)
-    values = _response_outputs(models.value, value_params, tokens, attn, p, n)
+    values = inference.response_outputs(models.value, value_params, tokens, attn, p, n)
     last, _ = rl.last_token_index(mask)
-    rm_score = reward_scores(models.reward, reward_params, tokens, attn, p + last, finished_B,
+    rm_score = inference.reward_scores(models.reward, reward_params, tokens, attn, p + last, finished_B,
                              hp.eos_id)
     score = jnp.where(finished_B, rm_score, rm_score - hp.missing_eos_penalty)
 
@@ -149,10 +138,12 @@ def ppo_losses(policy_params, value_params, mb: Rollout, *, models: Models, hp, 
     """Clipped policy loss + vf_coef x clipped value loss (per-token means)."""
     n = mb.mask.shape[1]
     response = mb.tokens[:, p:]
-    logits = _response_outputs(models.policy, policy_params, mb.tokens, mb.attn_mask, p, n)
+    logits = inference.response_outputs(models.policy, policy_params, mb.tokens, mb.attn_mask,
+                                        p, n)
     logp = rl.logprobs_from_logits(logits, response, hp.temperature)
     pg_loss, pg_stats = rl.ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, hp.clip)
-    values = _response_outputs(models.value, value_params, mb.tokens, mb.attn_mask, p, n)
+    values = inference.response_outputs(models.value, value_params, mb.tokens, mb.attn_mask,
+                                        p, n)
     vf_loss, vf_stats = rl.value_loss(values, mb.old_values, mb.returns, mb.mask, hp.vf_clip)
     total = pg_loss + hp.vf_coef * vf_loss
     return total, {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_stats, **vf_stats}
@@ -195,11 +186,10 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
             # compared; the same work as the gradient of their sum.
             lm, g_ptx = jax.value_and_grad(functools.partial(ptx_loss, models=models))(
                 policy.params, ptx)
-            g_pol = jax.tree_util.tree_map(lambda a, b: a + hp.ptx_coef * b, g_pol, g_ptx)
-            loss = loss + hp.ptx_coef * lm
+            loss, g_pol = rl.ptx_mix(loss, g_pol, lm, g_ptx, hp.ptx_coef)
             stats.update(ptx_loss=lm, ptx_grad_norm=hp.ptx_coef * optax.tree.norm(g_ptx))
-        policy, pu = common.apply_update(policy, g_pol, loss, policy_opt)
-        value, vu = common.apply_update(value, g_val, loss, value_opt)
+        policy, pu = train_state.apply_update(policy, g_pol, loss, policy_opt)
+        value, vu = train_state.apply_update(value, g_val, loss, value_opt)
         if ema is not None:
             ema = rl.ema_update(ema, policy.params, hp.ema_decay)
         stats.update(loss=loss, grad_norm=pu["grad_norm"], value_grad_norm=vu["grad_norm"],
@@ -233,7 +223,7 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
 def check_config(config):
     missing = [k for k in ("init_from", "reward_from") if not config.get(k)]
     if missing:
-        raise common.ConfigError(
+        raise ConfigError(
             "ppo needs " + " and ".join(
                 {"init_from": "--config.init_from=<SFT workdir> (the policy and the frozen reference)",
                  "reward_from": "--config.reward_from=<RM workdir> (the reward model; the value "
@@ -241,97 +231,144 @@ def check_config(config):
             + "; configs/instructgpt.py builds both (SFT, collect, RM) before PPO")
     for key in ("init_from", "reward_from"):
         if not checkpoint.has_checkpoint(config[key]):
-            raise common.ConfigError(f"{key}={config[key]!r}: no finished checkpoint there")
+            raise ConfigError(f"{key}={config[key]!r}: no finished checkpoint there")
     rm_meta = checkpoint.read_meta(config.reward_from)
     if rm_meta.get("model", {}).get("head") != "scalar" or rm_meta.get("stage") not in ("rm", None):
-        raise common.ConfigError(
+        raise ConfigError(
             f"reward_from={config.reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
             f"checkpoint, not a reward model: its scalar head would be freshly initialised and "
             f"score every response 0; give the workdir of an rm stage")
     if not rm_meta.get("bias_normalized"):
-        raise common.ConfigError(
+        raise ConfigError(
             f"reward_from={config.reward_from!r}: the RM's latest checkpoint is not bias-normalised "
             "(its run did not finish); rerun the rm stage to completion")
-    hp = config.ppo
+    hp, s = config.algo, config.sampling
     b = int(config.train.batch_size)
     if b % int(hp.minibatches):
-        raise common.ConfigError(f"train.batch_size={b} must be divisible by ppo.minibatches={hp.minibatches}")
-    if int(hp.top_k) != 0 or float(hp.top_p) < 1.0:
-        raise common.ConfigError(
-            f"ppo.top_k={hp.top_k}, ppo.top_p={hp.top_p}: PPO's ratio and KL are computed on the "
-            f"full softmax, so filtered sampling would optimise another policy than the one "
-            f"sampled; use ppo.top_k=0 and ppo.top_p=1.0 (temperature is supported)")
+        raise ConfigError(f"train.batch_size={b} must be divisible by algo.minibatches={hp.minibatches}")
+    if int(s.top_k) != 0 or float(s.top_p) < 1.0 or s.greedy:
+        raise ConfigError(
+            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}, sampling.greedy={s.greedy}: "
+            f"PPO's ratio and KL are computed on the full softmax, so filtered (or greedy) "
+            f"sampling would optimise another policy than the one sampled; use "
+            f"sampling.top_k=0, sampling.top_p=1.0, sampling.greedy=False (temperature is "
+            f"supported)")
+    if float(s.temperature) <= 0:
+        raise ConfigError(f"sampling.temperature={s.temperature}: must be > 0")
     if hp.ptx_coef > 0 and not config.data.ptx_path:
-        raise common.ConfigError("ppo.ptx_coef > 0 needs data.ptx_path (pretraining text)")
+        raise ConfigError("algo.ptx_coef > 0 needs data.ptx_path (pretraining text)")
 
 
-def _hp(config, eos_id: int):
-    """The static hyper-parameters the jitted functions close over (hashable)."""
-    h = config.ppo
-    return HParams(temperature=float(h.temperature), missing_eos_penalty=float(h.missing_eos_penalty),
-                   gamma=float(h.gamma), lam=float(h.lam), whiten_advantages=bool(h.whiten_advantages),
-                   clip=float(h.clip), vf_clip=float(h.vf_clip), vf_coef=float(h.vf_coef),
-                   ptx_coef=float(h.ptx_coef), epochs=int(h.epochs), minibatches=int(h.minibatches),
-                   adaptive_kl=bool(h.adaptive_kl), kl_target=float(h.kl_target),
-                   kl_horizon=float(h.kl_horizon), ema_decay=float(h.ema_decay), eos_id=eos_id)
+def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
+    """What the jitted functions close over: the `algo` block, the sampling
+    temperature (the log-probs are those of the distribution sampled) and EOS."""
+    return ml_collections.FrozenConfigDict(dict(
+        config.algo.to_dict(), temperature=float(config.sampling.temperature), eos_id=eos_id))
 
 
-class HParams(NamedTuple):
-    temperature: float
-    missing_eos_penalty: float
-    gamma: float
-    lam: float
-    whiten_advantages: bool
-    clip: float
-    vf_clip: float
-    vf_coef: float
-    ptx_coef: float
-    epochs: int
-    minibatches: int
-    adaptive_kl: bool
-    kl_target: float
-    kl_horizon: float
-    ema_decay: float
-    eos_id: int
-
-
-def _split_state(state: PPOState, ema_decay: Optional[float] = None):
-    """Checkpoint items: `params` is the policy a later stage uses (the
-    bias-corrected EMA of the policy weights when enabled, InstructGPT's
-    decay 0.992); `train` is everything else, the raw policy and the raw EMA
-    included, so that a resumed run continues exactly. `ema_decay` None: a
-    tree of shardings, whose EMA part is that of the params item."""
+def split_state(state: PPOState):
+    """Checkpoint items: `params` the policy a later stage uses, `train`
+    everything else a resumed run needs. With the EMA enabled, `train` is the
+    whole state (the raw policy and the raw EMA, so a resumed run continues
+    exactly) and `params` is the EMA's place (saved bias-corrected, see
+    `saved_params`). Applies to a tree of shardings too."""
     if state.ema_params is not None:
-        if ema_decay is None:
-            return state.ema_params, state
-        return rl.ema_debiased(state.ema_params, ema_decay, state.ema_updates), state
+        return state.ema_params, state
     return state.policy.params, state.replace(policy=state.policy.replace(params=None))
 
 
-def _join_state(params, train: PPOState) -> PPOState:
+def join_state(params, train: PPOState) -> PPOState:
     if train.policy.params is None:
         return train.replace(policy=train.policy.replace(params=params))
     return train          # the EMA's params item is derived from `train`
 
 
-def run(config, workdir: str):
+def saved_params(state: PPOState, ema_decay: float):
+    """The policy a checkpoint holds for later stages: the bias-corrected EMA
+    of the policy weights when enabled (InstructGPT's decay 0.992), else the
+    policy's own."""
+    if state.ema_params is not None:
+        return rl.ema_debiased(state.ema_params, ema_decay, state.ema_updates)
+    return state.policy.params
+
+
+def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_params, score_fn,
+                 update_fn, prompt_loader, ptx_loader, keep_tokens: bool = False):
+    """`step_fn(state, it)` of the loop: one PPO iteration (module doc),
+    dispatched without waiting for the device. `keep_tokens` adds the
+    sampled tokens to the metrics (for the gold score, read on the host)."""
+    base_rng = jax.random.PRNGKey(config.seed + 17)
+    n = int(config.sampling.max_new_tokens)
+
+    def step_fn(state: PPOState, it: int):
+        rng = jax.random.fold_in(base_rng, it)
+        batch = runtime.global_batch(prompt_loader.batch(it))
+        out = sampling.sample(models.policy, state.policy.params, batch["tokens"], batch["mask"],
+                              jax.random.fold_in(rng, 0), max_new_tokens=n, eos_id=tok.eos_id,
+                              pad_id=tok.pad_id, temperature=hp.temperature)
+        rollout, stats = score_fn(state.policy.params, ref_params, state.value.params,
+                                  reward_params, batch["tokens"], batch["mask"], out.tokens,
+                                  out.mask, out.finished, state.kl_coef)
+        ptx = None
+        if ptx_loader is not None:
+            ptx = runtime.global_batch(ptx_loader.batch(it))
+            ptx = jax.tree_util.tree_map(
+                lambda x: x.reshape((hp.epochs * hp.minibatches, -1) + x.shape[1:]), ptx)
+        state, upd = update_fn(state, rollout, ptx, stats["kl"], jax.random.fold_in(rng, 1))
+        metrics = {**stats, **upd}
+        if keep_tokens:
+            metrics["response_tokens"] = out.tokens
+        return state, metrics
+    return step_fn
+
+
+def host_metrics_fn(batch_size: int, gold=None):
+    """The loop's `host_metrics`: seconds per iteration, sampled tokens per
+    second, and the gold score of the rollouts (`gold(it, tokens)`)."""
+    def host_metrics(step: int, metrics: dict, seconds) -> dict:
+        tokens = metrics.pop("response_tokens", None)
+        row = {}
+        if seconds is not None:
+            row.update(iteration_s=seconds,
+                       tokens_per_s=float(metrics["response_length"]) * batch_size / seconds)
+        if gold is not None and tokens is not None:
+            row["gold_score"] = gold(step - 1, tokens)
+        return row
+    return host_metrics
+
+
+def make_loop(config, workdir: str, state: PPOState, state_sh, step_fn, meta: dict, hp,
+              host_metrics=None) -> loop.Loop:
+    return loop.Loop(
+        stage="ppo", train=config.train, workdir=workdir, state=state, state_shardings=state_sh,
+        step_fn=step_fn, meta=meta, host_metrics=host_metrics,
+        progress_keys=("score", "kl", "gold_score"),
+        # The bar says which of the main job's two PPO runs this is.
+        label="ppo_ptx" if hp.ptx_coef > 0 else "ppo", step_name="iteration",
+        split=split_state, join=join_state,
+        saved_params=functools.partial(saved_params, ema_decay=hp.ema_decay))
+
+
+def run(config, workdir: str, judge=None):
+    """`judge`: the gold labeler (rlhf_jax.world.gold_score), to log the
+    rollouts' gold score (`ppo/gold_score`) when the prompts are its world's."""
     check_config(config)
-    runtime = common.Runtime(config)
+    runtime = sharding.Runtime(config)
     t = config.train
     iterations = int(t.steps)
     b = int(t.batch_size)
-    p, n = int(config.data.max_prompt_len), int(config.ppo.max_new_tokens)
+    p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
 
-    policy_cfg, tok, _ = common.stage_model(config, "lm", config.init_from)
-    value_cfg, rm_tok, _ = common.stage_model(config, "scalar", config.reward_from)
+    policy_meta = checkpoint.read_meta(config.init_from)
+    policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
+    value_cfg, rm_tok, _ = resolve.stage_model(config, "scalar",
+                                               checkpoint.read_meta(config.reward_from))
     if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
-        raise common.ConfigError(
+        raise ConfigError(
             f"reward_from={config.reward_from!r} has another tokenizer than init_from="
             f"{config.init_from!r}: the RM would read the policy's token ids as other text")
-    hp = _hp(config, tok.eos_id)
-    if p + n > policy_cfg.max_len:
-        raise common.ConfigError(f"data.max_prompt_len + ppo.max_new_tokens = {p + n} exceeds the "
-                                 f"model's context {policy_cfg.max_len}")
+    hp = hyperparams(config, tok.eos_id)
+    resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
     policy_cfg = policy_cfg.replace(dropout=0.0)
     value_cfg = value_cfg.replace(dropout=0.0)
     models = Models(policy=Transformer(policy_cfg), value=Transformer(value_cfg),
@@ -347,27 +384,29 @@ def run(config, workdir: str):
     if hp.ptx_coef > 0:
         ptx = data_setup.open_source(config, config.data.ptx_path, "text")
         ptx_loader = data_setup.loader(
-            config, runtime, ptx, int(config.ppo.ptx_batch_size) * n_updates,
+            config, runtime, ptx, int(config.algo.ptx_batch_size) * n_updates,
             functools.partial(preprocess.text_example, tok, max_len=int(config.data.max_len)),
-            what="ppo.ptx_batch_size x ppo.epochs x ppo.minibatches")
+            what="algo.ptx_batch_size x algo.epochs x algo.minibatches")
 
     total_updates = iterations * n_updates
     # The schedules count optimizer updates: E x M per iteration.
-    policy_opt = common.make_optimizer(_with_steps(t, total_updates))
-    value_opt = common.make_optimizer(_with_steps(t, total_updates, lr=float(config.ppo.value_lr)))
+    policy_opt = train_state.make_optimizer(train_state.with_steps(t, total_updates))
+    value_opt = train_state.make_optimizer(
+        train_state.with_steps(t, total_updates, lr=float(config.algo.value_lr)))
 
     with runtime.activations():
-        policy, pol_sh = common.create_train_state(runtime, models.policy, policy_opt, config.seed,
-                                                   init_from=config.init_from)
-        value, val_sh = common.create_train_state(runtime, models.value, value_opt, config.seed + 1,
-                                                  init_from=config.reward_from)
-        ref_params, _ = common.restore_model_params(config.init_from, runtime, models.policy)
-        reward_params, _ = common.restore_model_params(config.reward_from, runtime, models.reward)
+        policy, _ = train_state.create_train_state(runtime, models.policy, policy_opt,
+                                                   config.seed, init_from=config.init_from)
+        value, _ = train_state.create_train_state(runtime, models.value, value_opt,
+                                                  config.seed + 1, init_from=config.reward_from)
+        ref_params, _ = checkpoint.restore_model_params(config.init_from, runtime, models.policy)
+        reward_params, _ = checkpoint.restore_model_params(config.reward_from, runtime,
+                                                           models.reward)
         # The EMA starts from zeros and is read bias-corrected (rl.ema_debiased).
         ema = (jax.tree_util.tree_map(lambda x: x * 0, policy.params) if hp.ema_decay > 0
                else None)
         state = PPOState(step=jnp.int32(0), policy=policy, value=value,
-                         kl_coef=jnp.float32(config.ppo.kl_coef), ema_params=ema,
+                         kl_coef=jnp.float32(config.algo.kl_coef), ema_params=ema,
                          ema_updates=jnp.int32(0))
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
@@ -376,109 +415,30 @@ def run(config, workdir: str):
                                               value_opt=value_opt, hp=hp, p=p),
                             in_shardings=(state_sh, None, None, None, None),
                             out_shardings=(state_sh, None), donate_argnums=0)
-        meta = dict(common.model_meta(policy_cfg, data_setup.tokenizer_spec(config)),
+        meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
                     reward_from=config.reward_from)
-        return _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params,
-                     reward_params, score_fn, update_fn, prompt_loader, ptx_loader, meta, p, n)
+        gold = _gold_scorer(config, prompt_loader, tok, judge)
+        step_fn = iteration_fn(config, runtime, models, hp, tok, ref_params, reward_params,
+                               score_fn, update_fn, prompt_loader, ptx_loader,
+                               keep_tokens=gold is not None)
+        return loop.run(make_loop(config, workdir, state, state_sh, step_fn, meta, hp,
+                                  host_metrics_fn(b, gold)))
 
 
-def _with_steps(t, steps, **kw):
-    d = dict(t.to_dict() if hasattr(t, "to_dict") else t)
-    d.update(steps=steps, **kw)
-    import ml_collections
-    return ml_collections.ConfigDict(d)
-
-
-def _loop(config, workdir, runtime, models, hp, tok, state, state_sh, ref_params, reward_params,
-          score_fn, update_fn, prompt_loader, ptx_loader, meta, p, n):
-    t = config.train
-    iterations = int(t.steps)
-    ckpt = checkpoint.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        params_like, train_like = _split_state(state)
-        sh_params, sh_train = _split_state(state_sh)
-        params, train, _ = ckpt.restore(start, sharding.abstract_like(params_like, sh_params),
-                                        sharding.abstract_like(train_like, sh_train))
-        state = _join_state(params, train)
-    # The bar says which of the main job's two PPO runs this is.
-    writer = MetricsWriter(workdir, "ppo", total_steps=iterations,
-                           label="ppo_ptx" if hp.ptx_coef > 0 else "ppo")
-    if start:
-        writer.log(f"[ppo] resuming from iteration {start} ({ckpt.directory})")
-        writer.start_at(start)
-    preempt = common.Preemption()
-    base_rng = jax.random.PRNGKey(config.seed + 17)
-    gold = _gold_scorer(config, prompt_loader, prompt_loader.source)
-    try:
-        for it in range(start, iterations):
-            rng = jax.random.fold_in(base_rng, it)
-            batch = runtime.global_batch(prompt_loader.batch(it))
-            t0 = time.time()
-            out = sampling.sample(models.policy, state.policy.params, batch["tokens"], batch["mask"],
-                                  jax.random.fold_in(rng, 0), max_new_tokens=n, eos_id=tok.eos_id,
-                                  pad_id=tok.pad_id, temperature=hp.temperature)
-            rollout, stats = score_fn(state.policy.params, ref_params, state.value.params,
-                                      reward_params, batch["tokens"], batch["mask"], out.tokens,
-                                      out.mask, out.finished, state.kl_coef)
-            jax.block_until_ready(rollout)
-            t1 = time.time()
-            ptx = None
-            if ptx_loader is not None:
-                ptx = ptx_loader.batch(it)
-                ptx = runtime.global_batch(ptx)
-                ptx = jax.tree_util.tree_map(
-                    lambda x: x.reshape((hp.epochs * hp.minibatches, -1) + x.shape[1:]), ptx)
-            state, upd = update_fn(state, rollout, ptx, stats["kl"], jax.random.fold_in(rng, 1))
-            jax.block_until_ready(state.step)
-            t2 = time.time()
-            stats, upd = jax.device_get(stats), jax.device_get(upd)   # replicated scalars
-            row = {f"ppo/{k}": v for k, v in {**stats, **upd}.items()}
-            n_tokens = float(stats["response_length"]) * int(t.batch_size)
-            row.update({"ppo/time_rollout": t1 - t0, "ppo/time_update": t2 - t1,
-                        "ppo/tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
-                        "ppo/iteration_s": t2 - t0})
-            if gold is not None:
-                row["ppo/gold_score"] = gold(it, out)
-            writer.write(it + 1, row, progress_keys=("ppo/score", "ppo/kl", "ppo/gold_score"))
-            if int(upd["nonfinite"]) >= t.max_nonfinite_steps:
-                raise FloatingPointError(f"[ppo] non-finite updates in a row at iteration {it + 1}: "
-                                         "stopping (train.max_nonfinite_steps)")
-            done = it + 1
-            # Asked once per iteration: SIGTERM or Orbax's preemption notice
-            # (multi-host), which is not `preempt.requested`, both stop here.
-            stop = preempt.check(done) and done < iterations
-            if ckpt.should_save(done, final=done == iterations) or stop:
-                params, train = _split_state(state, hp.ema_decay)
-                ckpt.save(done, params, train, dict(meta, stage="ppo", step=done, data_step=done),
-                          force=True)
-                if stop:
-                    ckpt.close()
-                    writer.log(f"[ppo] preempted: checkpoint saved at iteration {done}")
-                    raise common.Preempted(done)
-    finally:
-        preempt.restore()
-        ckpt.close()
-        writer.close()
-    return state
-
-
-def _gold_scorer(config, prompt_loader, prompts):
-    """Mean gold score of a rollout batch, when the prompts are the world's
-    (single process: the whole batch must be on this host)."""
-    if not config.ppo.gold_eval or jax.process_count() > 1:
+def _gold_scorer(config, prompt_loader, tok, judge):
+    """`gold(it, tokens)`: the mean gold score of iteration `it`'s rollouts,
+    when a judge is given and the prompts are its world's (single process:
+    the whole batch must be on this host)."""
+    if judge is None or not config.algo.gold_eval or jax.process_count() > 1:
         return None
-    from rlhf_jax.world import gold_score
-    from rlhf_jax.world.gold import parse_prompt
+    prompts = prompt_loader.source
     try:
-        parse_prompt(prompts[0]["prompt"])
+        judge(prompts[0]["prompt"], "", True)
     except ValueError:
         return None
-    tok = common.tokenizer_from_meta(checkpoint.read_meta(config.init_from))
 
-    def score(it: int, out) -> float:
+    def gold(it: int, tokens) -> float:
         texts = [prompts[i]["prompt"] for i in prompt_loader.record_indices(it)]
-        responses = distributed.gather(out.tokens)
-        return float(np.mean([gold_score(pr, *tokenizers.decode_response(tok, r))
-                              for pr, r in zip(texts, responses)]))
-    return score
+        return float(np.mean([judge(pr, *tokenizers.decode_response(tok, r))
+                              for pr, r in zip(texts, np.asarray(tokens))]))
+    return gold

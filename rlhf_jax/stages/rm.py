@@ -22,7 +22,7 @@ After the last step the score head's bias is shifted so that the
 demonstrations' responses score mean 0 (section 3.5), and the final
 checkpoint, the one PPO reads, holds the normalised RM; its meta records the
 shift (`rm_bias`) and `bias_normalized: true`. The shift is applied by
-`common.Loop.finalize`, once, just before the final save: a resumed run
+`loop.Loop.finalize`, once, just before the final save: a resumed run
 resumes un-normalised params and normalises at its end, and a finished run,
 re-run, is restored and does nothing.
 """
@@ -36,12 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, losses
+from rlhf_jax import checkpoint, inference, loop, losses, sharding, train_state
 from rlhf_jax.data import pipeline, preprocess
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.data import setup as data_setup
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.stages import common, data_setup
-from rlhf_jax.world.gold import gold_score
+from rlhf_jax.models import resolve
+from rlhf_jax.models.transformer import Transformer
 
 # Records read to estimate the ranked pairs per prompt (for rm/pairs_per_s).
 PAIR_COUNT_SAMPLE = 4096
@@ -50,11 +51,6 @@ PAIR_COUNT_SAMPLE = 4096
 # ---------------------------------------------------------------------------
 # Rewards and the loss
 # ---------------------------------------------------------------------------
-
-def rewards_at(scores_NxL, last_index_N):
-    """The score of each row at its last real token: [N]."""
-    return jnp.take_along_axis(scores_NxL, last_index_N[:, None].astype(jnp.int32), axis=1)[:, 0]
-
 
 def rewards_on_batch(params, model: Transformer, batch, dropout_rng=None):
     """RM rewards of every response slot, [B, K], from ONE forward pass of B*K rows.
@@ -68,7 +64,7 @@ def rewards_on_batch(params, model: Transformer, batch, dropout_rng=None):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     scores_NxL = model.apply({"params": params}, tokens_BxKxL.reshape(b * k, l),
                              attn_mask=batch["attn_mask"].reshape(b * k, l), rngs=rngs)
-    return rewards_at(scores_NxL, batch["last_index"].reshape(b * k)).reshape(b, k)
+    return inference.score_at(scores_NxL, batch["last_index"].reshape(b * k)).reshape(b, k)
 
 
 def rm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
@@ -81,12 +77,12 @@ def rm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
     return losses.ranking_loss(rewards_BxK, batch["ranks"], batch["valid"])
 
 
-def train_step(state: common.TrainState, batch, *, model: Transformer, optimizer):
+def train_step(state: train_state.TrainState, batch, *, model: Transformer, optimizer):
     def loss_fn(params):
-        return rm_loss_on_batch(params, model, batch, common.step_rng(state))
+        return rm_loss_on_batch(params, model, batch, train_state.step_rng(state))
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state, upd = common.apply_update(state, grads, loss, optimizer)
+    state, upd = train_state.apply_update(state, grads, loss, optimizer)
     return state, {"loss": loss, "accuracy": stats["accuracy"], "margin": stats["margin"],
                    "n_pairs": stats["n_pairs"], **upd}
 
@@ -95,24 +91,29 @@ def train_step(state: common.TrainState, batch, *, model: Transformer, optimizer
 # Evaluation: the held-out labeler's ranks and, in the world, the gold labeler
 # ---------------------------------------------------------------------------
 
-def gold_scores(record: dict, k_max: int) -> np.ndarray:
+def gold_scores(record: dict, k_max: int, judge) -> np.ndarray:
     """float32 [k_max]: the gold labeler's score of each response, NaN in
     padding slots and for prompts outside the instruction world. A response
     the record marks unfinished (cut at the length limit) scores as the
-    labeler scored it when it ranked the record."""
+    labeler scored it when it ranked the record.
+
+    `judge(prompt, response, finished) -> float` is the gold labeler
+    (rlhf_jax.world.gold_score), raising ValueError for a prompt it cannot
+    judge."""
     out = np.full((k_max,), np.nan, dtype=np.float32)
     finished = record.get("finished") or [True] * len(record["responses"])
     try:
         for i, (response, done) in enumerate(zip(record["responses"], finished)):
-            out[i] = gold_score(record["prompt"], response, bool(done))
+            out[i] = judge(record["prompt"], response, bool(done))
     except ValueError:  # not a world prompt: no gold ordering
         out[:] = np.nan
     return out
 
 
-def eval_example(tok, record: dict, k_max: int, max_len: int) -> dict:
+def eval_example(tok, record: dict, k_max: int, max_len: int, judge=None) -> dict:
     example = preprocess.comparison_example(tok, record, k_max, max_len)
-    example["gold"] = gold_scores(record, k_max)
+    example["gold"] = (gold_scores(record, k_max, judge) if judge is not None
+                       else np.full((k_max,), np.nan, np.float32))
     return example
 
 
@@ -162,7 +163,7 @@ def demo_score_sums(params, batch, *, model: Transformer):
     batch: tokens/attn_mask [N, L], valid [N]."""
     last_index_N = jnp.sum(batch["attn_mask"], axis=1) - 1
     scores_NxL = model.apply({"params": params}, batch["tokens"], attn_mask=batch["attn_mask"])
-    rewards_N = rewards_at(scores_NxL, last_index_N)
+    rewards_N = inference.score_at(scores_NxL, last_index_N)
     return jnp.sum(jnp.where(batch["valid"], rewards_N, 0.0)), jnp.sum(batch["valid"])
 
 
@@ -203,7 +204,7 @@ def make_bias_normalizer(runtime, model, demos_source, transform, batch_size: in
             total, count = total + float(s), count + int(n)
         return total / count
 
-    def finalize(state: common.TrainState):
+    def finalize(state: train_state.TrainState):
         shift = mean_demo_score(state.params)
         params = dict(state.params)
         head = dict(params["score_head"])
@@ -221,14 +222,14 @@ def make_bias_normalizer(runtime, model, demos_source, transform, batch_size: in
 
 def check_config(config):
     if not config.init_from and not config.model.get("pretrained"):
-        raise common.ConfigError(
+        raise ConfigError(
             "rm needs --config.init_from=<SFT workdir> (InstructGPT initialises the reward model "
             "from the SFT model; or model.pretrained=<HF dir or .gguf>)")
     k_max = int(config.data.k_max)
     if not 2 <= k_max <= 9:
-        raise common.ConfigError(f"data.k_max={k_max}: comparisons rank 2 to 9 responses")
+        raise ConfigError(f"data.k_max={k_max}: comparisons rank 2 to 9 responses")
     if int(config.data.demos_records) < 1:
-        raise common.ConfigError(f"data.demos_records={config.data.demos_records} must be >= 1 "
+        raise ConfigError(f"data.demos_records={config.data.demos_records} must be >= 1 "
                                  f"(demonstrations scored for the bias normalisation)")
 
 
@@ -239,7 +240,7 @@ def train_steps(config, n_train: int) -> int:
     if steps > 0:
         return steps
     if steps not in (0, -1):
-        raise common.ConfigError(f"train.steps={steps}: give a positive count, or 0 / -1 for "
+        raise ConfigError(f"train.steps={steps}: give a positive count, or 0 / -1 for "
                                  f"train.epochs passes over the data")
     return max(1, math.ceil(float(config.train.epochs) * n_train / int(config.train.batch_size)))
 
@@ -260,13 +261,15 @@ def _with_train_steps(config, steps: int):
     return run_config
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, judge=None):
+    """`judge`: the gold labeler (rlhf_jax.world.gold_score) for the RM's
+    gold accuracy on the held-out comparisons; None: no gold accuracy."""
     check_config(config)
-    runtime = common.Runtime(config)
-    cfg, tok, pretrained_params = common.stage_model(config, "scalar", config.init_from)
+    runtime = sharding.Runtime(config)
+    meta_from = checkpoint.read_meta(config.init_from) if config.init_from else None
+    cfg, tok, pretrained_params = resolve.stage_model(config, "scalar", meta_from)
     max_len, k_max = int(config.data.max_len), int(config.data.k_max)
-    if max_len > cfg.max_len and cfg.arch == "gpt2":
-        raise common.ConfigError(f"data.max_len={max_len} exceeds the model's context {cfg.max_len}")
+    resolve.check_context(cfg, max_len, "data.max_len", rope_ok=True)
 
     # Bad records name file and line (or are dropped and counted with data.drop_invalid).
     check = preprocess.length_check(tok, "comparisons", max_len=max_len, k_max=k_max)
@@ -289,12 +292,13 @@ def run(config, workdir: str):
     transform = functools.partial(preprocess.comparison_example, tok, k_max=k_max, max_len=max_len)
     loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
 
-    optimizer = common.make_optimizer(run_config.train)
+    optimizer = train_state.make_optimizer(run_config.train)
     with runtime.activations():
-        state, shardings, step = common.compile_supervised(
+        state, shardings, step = train_state.compile_supervised(
             runtime, cfg, optimizer, train_step, config.seed, config.init_from, pretrained_params)
         eval_model = Transformer(cfg)
-        eval_transform = functools.partial(eval_example, tok, k_max=k_max, max_len=max_len)
+        eval_transform = functools.partial(eval_example, tok, k_max=k_max, max_len=max_len,
+                                           judge=judge)
         evaluate = make_evaluator(runtime, eval_model, eval_src, eval_transform, batch_size,
                                   int(config.train.eval_batches))
         if _has_records(config.data.eval_sft_path):
@@ -308,12 +312,11 @@ def run(config, workdir: str):
         normalize = make_bias_normalizer(
             runtime, eval_model, demos,
             functools.partial(preprocess.sft_example, tok, max_len=max_len), batch_size * k_max)
-        meta = dict(common.model_meta(cfg, data_setup.tokenizer_spec(config)),
+        meta = dict(resolve.model_meta(cfg, resolve.tokenizer_spec(config, meta_from)),
                     init_from=config.init_from, k_max=k_max, train_steps=steps, **dropped)
-        loop = common.Loop(stage="rm", config=run_config, workdir=workdir, runtime=runtime,
-                           state=state, state_shardings=shardings, train_step=step,
-                           loader=loader, meta=meta, evaluate=evaluate,
-                           units_per_batch=batch_size * mean_ranked_pairs(train_src),
-                           units_name="pairs_per_s", progress_keys=("loss", "accuracy"),
-                           finalize=normalize)
-        return common.run_loop(loop)
+        return loop.run(loop.Loop(
+            stage="rm", train=run_config.train, workdir=workdir, state=state,
+            state_shardings=shardings, step_fn=loop.supervised_step(runtime, loader, step),
+            meta=meta, evaluate=evaluate,
+            units_per_step=batch_size * mean_ranked_pairs(train_src), units_name="pairs_per_s",
+            progress_keys=("loss", "accuracy"), finalize=normalize))

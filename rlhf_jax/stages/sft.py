@@ -11,10 +11,11 @@ import functools
 import jax
 import numpy as np
 
-from rlhf_jax import losses
+from rlhf_jax import checkpoint, loop, losses, sharding, train_state
 from rlhf_jax.data import pipeline, preprocess
+from rlhf_jax.data import setup as data_setup
+from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.stages import common, data_setup
 
 
 def lm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
@@ -26,12 +27,12 @@ def lm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
     return losses.lm_loss(logits_BxTxV[:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, :-1])
 
 
-def train_step(state: common.TrainState, batch, *, model: Transformer, optimizer):
+def train_step(state: train_state.TrainState, batch, *, model: Transformer, optimizer):
     def loss_fn(params):
-        return lm_loss_on_batch(params, model, batch, common.step_rng(state))
+        return lm_loss_on_batch(params, model, batch, train_state.step_rng(state))
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state, upd = common.apply_update(state, grads, loss, optimizer)
+    state, upd = train_state.apply_update(state, grads, loss, optimizer)
     return state, {"loss": loss, "accuracy": stats["accuracy"], **upd}
 
 
@@ -60,11 +61,11 @@ def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batch
 def run(config, workdir: str):
     stage = config.stage
     kind = "text" if stage == "pretrain" else "demonstrations"
-    runtime = common.Runtime(config)
-    cfg, tok, pretrained_params = common.stage_model(config, "lm", config.init_from)
+    runtime = sharding.Runtime(config)
+    meta_from = checkpoint.read_meta(config.init_from) if config.init_from else None
+    cfg, tok, pretrained_params = resolve.stage_model(config, "lm", meta_from)
     max_len = int(config.data.max_len)
-    if max_len > cfg.max_len and cfg.arch == "gpt2":
-        raise common.ConfigError(f"data.max_len={max_len} exceeds the model's context {cfg.max_len}")
+    resolve.check_context(cfg, max_len, "data.max_len", rope_ok=True)
     if kind == "text":
         transform = functools.partial(preprocess.text_example, tok, max_len=max_len)
         check = None
@@ -76,15 +77,15 @@ def run(config, workdir: str):
     batch_size = int(config.train.batch_size)
     loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
 
-    optimizer = common.make_optimizer(config.train)
+    optimizer = train_state.make_optimizer(config.train)
     with runtime.activations():
-        state, shardings, step = common.compile_supervised(
+        state, shardings, step = train_state.compile_supervised(
             runtime, cfg, optimizer, train_step, config.seed, config.init_from, pretrained_params)
         evaluate = make_evaluator(runtime, Transformer(cfg), eval_src, transform,
                                   batch_size, int(config.train.eval_batches))
-        meta = common.model_meta(cfg, data_setup.tokenizer_spec(config))
-        loop = common.Loop(stage=stage, config=config, workdir=workdir, runtime=runtime,
-                           state=state, state_shardings=shardings, train_step=step,
-                           loader=loader, meta=meta, evaluate=evaluate,
-                           units_per_batch=batch_size * max_len, progress_keys=("loss",))
-        return common.run_loop(loop)
+        meta = resolve.model_meta(cfg, resolve.tokenizer_spec(config, meta_from))
+        return loop.run(loop.Loop(
+            stage=stage, train=config.train, workdir=workdir, state=state,
+            state_shardings=shardings, step_fn=loop.supervised_step(runtime, loader, step),
+            meta=meta, evaluate=evaluate, units_per_step=batch_size * max_len,
+            progress_keys=("loss",)))

@@ -5,9 +5,9 @@ from typing import Callable, Optional
 
 import jax
 
-from rlhf_jax import checkpoint
 from rlhf_jax.data import pipeline, sources
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.sharding import check_batch_divisible
 
 
 def length_check(length_fn: Callable[[dict], int], max_len: int, what: str):
@@ -36,22 +36,10 @@ def open_train_eval(config, kind: str, check=None):
 
 
 def loader(config, runtime, source, batch_size: int, transform, what: str = "train.batch_size"):
-    mesh = runtime.mesh
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % n:
-        raise ConfigError(f"{what}={batch_size} must be divisible by the mesh's "
-                          f"data x fsdp = {n}")
+    check_batch_divisible(batch_size, runtime.mesh, what)
     if len(source) == 0:
         raise ConfigError(f"data.path={config.data.path!r} has no records")
     return pipeline.BatchLoader(source, batch_size, transform, seed=int(config.seed),
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
 
-
-def tokenizer_spec(config) -> str:
-    """What a checkpoint records as its tokenizer, so later stages rebuild it."""
-    if config.get("init_from"):
-        return checkpoint.read_meta(config.init_from).get("tokenizer", "byte")
-    if config.model.get("pretrained"):
-        return config.model.pretrained
-    return config.model.tokenizer or "byte"

@@ -89,3 +89,30 @@ def reward_model_from(sft_dir: str, dest: str, tokenizer: str = "") -> str:
     rm_meta = dict(meta, model=dataclasses.asdict(cfg), stage="rm", bias_normalized=True,
                    rm_bias=0.0, tokenizer=tokenizer or meta.get("tokenizer", "byte"))
     return checkpoint.write_params(dest, 0, params, rm_meta)
+
+
+_INITS = {}
+
+
+def init_params(cfg, seed: int = 0, length: int = 4, boxed: bool = False):
+    """`Transformer(cfg).init(PRNGKey(seed), zeros((1, length)))["params"]`
+    (unboxed unless `boxed`), jitted and remembered for the test process:
+    eagerly, init compiles its layer scan and every initializer apart, seconds
+    a call. Each call returns its own copy of the tree (callers edit theirs).
+    Jitted, the normal initializers' values can differ from eager ones in the
+    last bit."""
+    import flax.linen as nn
+    import jax
+    from rlhf_jax.models.transformer import Transformer
+    key = (cfg, seed, length)
+    if key not in _INITS:
+        if (cfg, length) not in _INITS:
+            model = Transformer(cfg)
+            _INITS[cfg, length] = jax.jit(
+                lambda rng: model.init(rng, jax.numpy.zeros((1, length), "int32"))["params"])
+        _INITS[key] = _INITS[cfg, length](jax.random.PRNGKey(seed))
+    tree = _INITS[key]
+    if not boxed:
+        return nn.unbox(tree)
+    return jax.tree_util.tree_map(lambda x: x, tree,
+                                  is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

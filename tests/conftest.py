@@ -1,10 +1,26 @@
-"""Test setup: 8 fake CPU devices so sharded code really shards."""
+"""Test setup: 8 fake CPU devices so sharded code really shards; XLA set for
+many small compiles on a shared CPU; one compilation cache for the session;
+artefacts several files use, made once."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# The tests' programs are tiny: their time goes to compiling them (LLVM's
+# optimisation of the generated code), not to running them, and two pytest
+# workers share two cores, where Eigen's worker threads (spinning for work)
+# only take time from the other worker. So in the test processes: LLVM at
+# -O0 (XLA's HLO passes, fusion and SPMD partitioning included, all still
+# run) and single-threaded Eigen. Results agree with the default build to
+# float rounding. Subprocesses the tests start set or clear XLA_FLAGS
+# themselves, so the CLI runs keep XLA's defaults.
+# RLHF_JAX_TEST_XLA_DEFAULTS=1 runs the tests with XLA's defaults too.
+if os.environ.get("RLHF_JAX_TEST_XLA_DEFAULTS") != "1":
+    for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"):
+        if _flag.split("=")[0] not in _flags:
+            _flags += " " + _flag
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 # ---------------------------------------------------------------------------
 # One persistent XLA compilation cache for the whole test session
@@ -56,3 +72,69 @@ def pytest_unconfigure(config):
     if _SESSION_CACHE:
         import shutil
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Artefacts several test files use, made once a session
+# ---------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A directory this session's xdist workers share (each worker's basetemp
+    is a folder of one session root); the session's basetemp without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "shared"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def build_once(directory, build):
+    """Runs `build(directory)` unless a worker did already: under an exclusive
+    lock, so the other worker waits for it and then reads what it made. A
+    failed build leaves nothing behind for the next one to trust."""
+    import fcntl
+    import shutil
+    directory.mkdir(parents=True, exist_ok=True)
+    done = directory / ".done"
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                try:
+                    build(directory)
+                except BaseException:
+                    for child in directory.iterdir():
+                        if child.name != ".lock":
+                            shutil.rmtree(child) if child.is_dir() else child.unlink()
+                    raise
+                done.write_text("")
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return directory
+
+
+def _build_micro_sft(root):
+    from helpers import load_config, micro_model, reward_model_from, world_demos
+    from rlhf_jax import stages
+    cfg = micro_model(load_config("sft", "tiny"))
+    cfg.data.path = world_demos(root / "demos.jsonl", n=128)
+    cfg.data.data_dir = str(root / "tfds")
+    cfg.train.update(dict(steps=8, batch_size=8, checkpoint_every=8, eval_every=8, eval_batches=1))
+    stages.run(cfg, str(root / "sft"))
+    # A zero-initialised scalar head on the SFT backbone.
+    reward_model_from(str(root / "sft"), str(root / "rm"))
+
+
+@pytest.fixture(scope="session")
+def micro_sft(shared_dir):
+    """A micro SFT checkpoint (8 steps on 128 world demonstrations) and an RM
+    made from it (helpers.reward_model_from), built once for the session and
+    read by the PPO tests (test_ppo.py, the 2-process PPO run of
+    test_launch.py): {"sft": workdir, "rm": workdir}. Read-only: write
+    elsewhere."""
+    root = build_once(shared_dir / "micro_sft", _build_micro_sft)
+    return {"sft": str(root / "sft"), "rm": str(root / "rm")}

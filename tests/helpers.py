@@ -83,8 +83,7 @@ def reward_model_from(sft_dir: str, dest: str, tokenizer: str = "") -> str:
     meta = checkpoint.read_meta(sft_dir)
     cfg = ModelConfig(**{**meta["model"], "head": "scalar"})
     import flax.linen as nn
-    fresh = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
-                                           jax.numpy.zeros((1, 4), "int32"))["params"])
+    fresh = init_params(cfg, 0)       # jitted: eagerly the init compiles for seconds
     params = checkpoint.graft_params(fresh, checkpoint.load_saved_params(sft_dir))
     rm_meta = dict(meta, model=dataclasses.asdict(cfg), stage="rm", bias_normalized=True,
                    rm_bias=0.0, tokenizer=tokenizer or meta.get("tokenizer", "byte"))
@@ -116,3 +115,25 @@ def init_params(cfg, seed: int = 0, length: int = 4, boxed: bool = False):
         return nn.unbox(tree)
     return jax.tree_util.tree_map(lambda x: x, tree,
                                   is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+_NO_TENSORBOARD = []
+
+
+def without_tensorboard(env: dict) -> dict:
+    """`env` for a subprocess whose `import tensorboardX` fails: TensorBoard
+    events are optional (metrics.py) and tensorboardX imports torch, seconds
+    of every process start on a busy CPU. For tests that assert nothing about
+    the events (test_console.py and test_reliability.py do the same)."""
+    if not _NO_TENSORBOARD:
+        import atexit
+        import shutil
+        import tempfile
+        root = tempfile.mkdtemp(prefix="rlhf_jax_test_stubs_")
+        atexit.register(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, "tensorboardX"))
+        with open(os.path.join(root, "tensorboardX", "__init__.py"), "w") as f:
+            f.write('raise ImportError("tensorboardX is left out of this test subprocess")\n')
+        _NO_TENSORBOARD.append(root)
+    path = os.pathsep.join(p for p in (_NO_TENSORBOARD[0], env.get("PYTHONPATH")) if p)
+    return dict(env, PYTHONPATH=path)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from helpers import ROOT, reward_model_from, world_demos
+from helpers import ROOT, without_tensorboard, world_demos
 from rlhf_jax.metrics import read_metrics
 
 MICRO = ["--config.model.hidden=32", "--config.model.layers=1", "--config.model.heads=2",
@@ -17,7 +17,7 @@ MICRO = ["--config.model.hidden=32", "--config.model.layers=1", "--config.model.
 def _env():
     env = dict(os.environ, RLHF_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)
-    return env
+    return without_tensorboard(env)         # nothing here reads TensorBoard events
 
 
 def _single(config, workdir, overrides, devices=8):
@@ -65,14 +65,11 @@ def test_two_processes_equal_one_process_sft(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
-def test_two_processes_equal_one_process_ppo(tmp_path):
-    demos = world_demos(tmp_path / "demos.jsonl", n=64)
-    sft = str(tmp_path / "sft")
-    _single("configs/sft.py:tiny", sft, MICRO + [
-        f"--config.data.path={demos}", f"--config.data.data_dir={tmp_path / 'tfds'}",
-        "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.eval_every=4",
-        "--config.train.eval_batches=1", "--config.train.checkpoint_every=4"])
-    rm = reward_model_from(sft, str(tmp_path / "rm"))
+def test_two_processes_equal_one_process_ppo(tmp_path, micro_sft):
+    # From the session's micro SFT checkpoint and its zero-head RM (conftest.py;
+    # test_ppo.py's runs start from them too): a single-process SFT run through
+    # the CLI is the SFT test's above.
+    sft, rm = micro_sft["sft"], micro_sft["rm"]
     overrides = [f"--config.init_from={sft}", f"--config.reward_from={rm}",
                  f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=3",
                  "--config.train.batch_size=8", "--config.sampling.max_new_tokens=8",

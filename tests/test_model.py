@@ -1,10 +1,13 @@
 """The decoder: cached decoding equals the full forward pass; heads; names; precision."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import init_params
 from rlhf_jax.models.transformer import (ModelConfig, Transformer, decode, decoding_params,
                                          init_cache, init_layer_caches, positions_from_mask)
 
@@ -16,9 +19,15 @@ QWEN = LLAMA.replace(qkv_bias=True, tie_embeddings=True)
 
 
 def _init(cfg, t=8, seed=0):
-    model = Transformer(cfg)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, t), jnp.int32))["params"]
-    return model, params
+    """The model and its boxed init params (jitted, remembered: helpers.init_params)."""
+    return Transformer(cfg), init_params(cfg, seed, t, boxed=True)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, tokens, attn_mask=None, rngs=None):
+    """`model.apply` compiled once per (model, shapes): eagerly every call
+    compiles the layer scan again, seconds each."""
+    return model.apply({"params": params}, tokens, attn_mask=attn_mask, rngs=rngs)
 
 
 def _cached_logits(model, params, tokens, mask, prefill, s, unrolled):
@@ -59,7 +68,7 @@ def test_cached_decode_equals_full_forward(cfg, unrolled):
     b, t, prefill, s = 3, 10, 4, 14
     tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
     mask = _DECODE_MASK
-    full = model.apply({"params": params}, tokens, attn_mask=mask)
+    full = _apply(model, params, tokens, mask)
     inc, _ = _cached_logits(model, params, tokens, mask, prefill, s, unrolled)
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=2e-5, rtol=1e-5)
@@ -94,10 +103,10 @@ def test_left_padding_does_not_change_real_logits():
     model, params = _init(LLAMA)
     params = nn.unbox(params)
     toks = jax.random.randint(jax.random.PRNGKey(2), (1, 6), 0, 256)
-    plain = model.apply({"params": params}, toks)
+    plain = _apply(model, params, toks)
     padded = jnp.concatenate([jnp.full((1, 3), 7), toks], axis=1)
     mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
-    out = model.apply({"params": params}, padded, attn_mask=mask)
+    out = _apply(model, params, padded, mask)
     np.testing.assert_allclose(out[:, 3:], plain, atol=2e-5)
 
 
@@ -105,7 +114,7 @@ def test_scalar_head_and_param_names():
     cfg = LLAMA.replace(head="scalar")
     model, boxed = _init(cfg)
     params = nn.unbox(boxed)
-    out = model.apply({"params": params}, jnp.ones((2, 5), jnp.int32))
+    out = _apply(model, params, jnp.ones((2, 5), jnp.int32))
     assert out.shape == (2, 5) and out.dtype == jnp.float32
     assert "lm_head" not in params and "score_head" in params
     # Every parameter carries one logical name per dimension; layers are stacked.
@@ -121,8 +130,8 @@ def test_bf16_matmul_close_to_f32():
     model, params = _init(LLAMA)
     params = nn.unbox(params)
     toks = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, 256)
-    f32 = model.apply({"params": params}, toks)
-    bf = Transformer(LLAMA.replace(matmul="bf16")).apply({"params": params}, toks)
+    f32 = _apply(model, params, toks)
+    bf = _apply(Transformer(LLAMA.replace(matmul="bf16")), params, toks)
     assert bf.dtype == jnp.float32
     err = float(jnp.max(jnp.abs(bf - f32)))
     assert 0 < err < 0.05, err
@@ -133,12 +142,12 @@ def test_dropout_only_when_not_deterministic():
     model, params = _init(cfg)
     params = nn.unbox(params)
     toks = jnp.ones((1, 6), jnp.int32)
-    a = Transformer(cfg).apply({"params": params}, toks)
-    b = Transformer(cfg).apply({"params": params}, toks)
+    a = _apply(Transformer(cfg), params, toks)
+    b = _apply(Transformer(cfg), params, toks)
     np.testing.assert_array_equal(a, b)
     train = Transformer(cfg, deterministic=False)
-    c = train.apply({"params": params}, toks, rngs={"dropout": jax.random.PRNGKey(0)})
-    d = train.apply({"params": params}, toks, rngs={"dropout": jax.random.PRNGKey(1)})
+    c = _apply(train, params, toks, rngs={"dropout": jax.random.PRNGKey(0)})
+    d = _apply(train, params, toks, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(c, d)
 
 
@@ -155,8 +164,7 @@ def test_gqa_matches_repeated_kv_heads():
         attn[name] = {"kernel": jnp.repeat(k, 2, axis=2)}
     p = dict(p, layers=dict(p["layers"], attn=attn))
     toks = jax.random.randint(jax.random.PRNGKey(4), (2, 7), 0, 256)
-    np.testing.assert_allclose(mha.apply({"params": p}, toks), model.apply({"params": params}, toks),
-                               atol=2e-5)
+    np.testing.assert_allclose(_apply(mha, p, toks), _apply(model, params, toks), atol=2e-5)
 
 
 @pytest.mark.parametrize("eq,x_shape,w_shape", [
@@ -195,13 +203,19 @@ def test_scan_unroll_changes_nothing_but_speed():
     def loss(p, c):
         return jnp.mean(jax.nn.log_softmax(Transformer(c).apply({"params": p}, tokens))[..., 0])
 
+    # The loss and its gradient in one program per config (the config static;
+    # eagerly each call compiles its scans again).
+    loss_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    rolled = loss_and_grad(params, cfg)
     for unroll in (2, 3):
         unrolled = cfg.replace(scan_unroll=unroll)
-        _, boxed_u = _init(unrolled)
+        # The structure init gives, without running it.
+        boxed_u = jax.eval_shape(lambda r: Transformer(unrolled).init(
+            r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.PRNGKey(0))
         assert jax.tree_util.tree_structure(nn.unbox(boxed_u)) == jax.tree_util.tree_structure(params)
-        np.testing.assert_allclose(loss(params, unrolled), loss(params, cfg), rtol=1e-6)
-        for g, r in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, unrolled)),
-                        jax.tree_util.tree_leaves(jax.grad(loss)(params, cfg))):
+        value, grad = loss_and_grad(params, unrolled)
+        np.testing.assert_allclose(value, rolled[0], rtol=1e-6)
+        for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(rolled[1])):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
@@ -211,8 +225,8 @@ def test_outputs_at_is_the_slice_of_the_full_call(head):
     model, boxed = _init(QWEN.replace(head=head))
     params = nn.unbox(boxed)
     toks = jax.random.randint(jax.random.PRNGKey(5), (3, 10), 0, 256)
-    full = model.apply({"params": params}, toks, attn_mask=_DECODE_MASK)
-    part = model.apply({"params": params}, toks, 5, 4, attn_mask=_DECODE_MASK,
-                       method=Transformer.outputs_at)
+    full = _apply(model, params, toks, _DECODE_MASK)
+    part = jax.jit(lambda p, t: model.apply({"params": p}, t, 5, 4, attn_mask=_DECODE_MASK,
+                                            method=Transformer.outputs_at))(params, toks)
     assert part.shape == full[:, 5:9].shape
     np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 5:9]), atol=1e-6, rtol=1e-6)

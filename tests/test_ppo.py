@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (ROOT, assert_trees_equal, load_config, micro_model, reward_model_from,
-                     run_interrupted, world_demos)
+from helpers import (ROOT, assert_trees_equal, init_params, load_config, micro_model,
+                     reward_model_from, run_interrupted, world_demos)
 from rlhf_jax import checkpoint, sampling, stages
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -25,8 +25,19 @@ EOS, PAD = 39, 38
 
 
 def _params(cfg, seed):
-    model = Transformer(cfg)
-    return nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+    return init_params(cfg, seed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, tokens, attn_mask):
+    """The NumPy references' forward pass, compiled once per model and shapes
+    (eagerly each call compiles the layer scan again)."""
+    return model.apply({"params": params}, tokens, attn_mask=attn_mask)
+
+
+def _score_rollout(*args, models, hp):
+    """ppo.score_rollout jitted, as the stage runs it."""
+    return jax.jit(functools.partial(ppo.score_rollout, models=models, hp=hp))(*args)
 
 
 def _hp(**kw):
@@ -57,20 +68,20 @@ def test_score_rollout_matches_numpy_loops():
     rmask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.float32)
     finished = np.array([True, False, True])
     beta, hp = 0.1, _hp()
-    rollout, stats = ppo.score_rollout(pol, ref, val, rew, prompt, pmask, resp, rmask, finished,
-                                       jnp.float32(beta), models=models, hp=hp)
+    rollout, stats = _score_rollout(pol, ref, val, rew, prompt, pmask, resp, rmask, finished,
+                                    jnp.float32(beta), models=models, hp=hp)
 
     seq = np.concatenate([prompt, resp], 1)
     attn = np.concatenate([pmask, rmask.astype(np.int32)], 1)
-    lp = np.asarray(models.policy.apply({"params": pol}, seq, attn_mask=attn))
-    lr = np.asarray(models.policy.apply({"params": ref}, seq, attn_mask=attn))
-    vv = np.asarray(models.value.apply({"params": val}, seq, attn_mask=attn))
-    rr = np.array(models.reward.apply({"params": rew}, seq, attn_mask=attn))
+    lp = np.asarray(_apply(models.policy, pol, seq, attn))
+    lr = np.asarray(_apply(models.policy, ref, seq, attn))
+    vv = np.asarray(_apply(models.value, val, seq, attn))
+    rr = np.array(_apply(models.reward, rew, seq, attn))
     # The RM reads an unfinished response as its text followed by EOS: its
     # last token replaced by EOS (row 1, five tokens and no EOS).
     seq_eos = seq.copy()
     seq_eos[1, -1] = EOS
-    rr[1] = np.asarray(models.reward.apply({"params": rew}, seq_eos[1:2], attn_mask=attn[1:2]))[0]
+    rr[1] = np.asarray(_apply(models.reward, rew, seq_eos[1:2], attn[1:2]))[0]
     B, P, N = 3, 6, 5
     logp, ref_logp, values = np.zeros((B, N)), np.zeros((B, N)), np.zeros((B, N))
     rewards, adv = np.zeros((B, N)), np.zeros((B, N))
@@ -118,8 +129,8 @@ def test_recomputed_logprobs_equal_sampler_logprobs():
     hp = _hp(temperature=0.7)
     out = sampling.sample(models.policy, pol, prompt, pmask, jax.random.PRNGKey(6),
                           max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.7)
-    rollout, stats = ppo.score_rollout(pol, pol, val, val, prompt, pmask, out.tokens, out.mask,
-                                       out.finished, jnp.float32(0.05), models=models, hp=hp)
+    rollout, stats = _score_rollout(pol, pol, val, val, prompt, pmask, out.tokens, out.mask,
+                                    out.finished, jnp.float32(0.05), models=models, hp=hp)
     np.testing.assert_allclose(rollout.old_logp * out.mask, out.logprobs * out.mask, atol=2e-5)
     assert abs(float(stats["kl"])) < 1e-6
 
@@ -129,20 +140,17 @@ def test_recomputed_logprobs_equal_sampler_logprobs():
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sft_workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ppo_sft")
-    cfg = micro_model(load_config("sft", "tiny"))
-    cfg.data.path = world_demos(tmp / "demos.jsonl", n=128)
-    cfg.data.data_dir = str(tmp / "tfds")
-    cfg.train.update(dict(steps=8, batch_size=8, checkpoint_every=8, eval_every=8, eval_batches=1))
-    stages.run(cfg, str(tmp / "sft"))
-    return str(tmp / "sft")
+def sft_workdir(micro_sft):
+    # 8 SFT steps of the micro model on 128 world demonstrations (conftest.py:
+    # made once a session, test_launch.py's PPO runs start from it too).
+    return micro_sft["sft"]
 
 
 @pytest.fixture(scope="module")
-def rm_workdir(sft_workdir):
-    # A zero-initialised scalar head on the SFT backbone.
-    return reward_model_from(sft_workdir, os.path.join(os.path.dirname(sft_workdir), "rm"))
+def rm_workdir(micro_sft):
+    # A zero-initialised scalar head on the SFT backbone, beside it.
+    assert micro_sft["rm"] == os.path.join(os.path.dirname(micro_sft["sft"]), "rm")
+    return micro_sft["rm"]
 
 
 def _ppo_config(sft, rm=None, **kw):
@@ -205,8 +213,12 @@ def test_cli_ppo_without_checkpoints_says_what_it_needs(tmp_path):
 # The update: the pretraining mix, the EMA
 # ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _update_fixture(hp, seed=0):
-    """A one-minibatch update's inputs on the micro model: state, rollout, ptx."""
+    """A one-minibatch update's inputs on the micro model: state, rollout, ptx,
+    and the update, jitted (as the stage runs it; eagerly its scans compile on
+    every call) and kept for the module: the two ptx cases share the
+    ptx_coef=1.0 update."""
     import optax
     from rlhf_jax import train_state
     scalar = CFG.replace(head="scalar")
@@ -233,8 +245,8 @@ def _update_fixture(hp, seed=0):
                           returns=jnp.zeros((B, N)))
     ptx = {"tokens": jnp.asarray(rng.integers(0, 30, (1, 4, 12)), jnp.int32),
            "attn_mask": jnp.ones((1, 4, 12), jnp.int32), "loss_mask": jnp.ones((1, 4, 12))}
-    update = functools.partial(ppo.ppo_update, models=models, policy_opt=opt, value_opt=opt, hp=hp,
-                               p=P)
+    update = jax.jit(functools.partial(ppo.ppo_update, models=models, policy_opt=opt,
+                                       value_opt=opt, hp=hp, p=P))
     return state, rollout, ptx, update
 
 

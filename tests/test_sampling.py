@@ -1,9 +1,11 @@
 """The scan sampler against the full forward pass."""
-import flax.linen as nn
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helpers import init_params
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.sampling import categorical, filter_logits, sample
 
@@ -14,16 +16,23 @@ EOS, PAD = 299, 298
 
 def _setup():
     model = Transformer(CFG)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(CFG, 0)          # jitted, once for the module
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 6), 0, 256)
     mask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]])
     return model, params, tokens, mask
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, tokens, attn_mask):
+    """The full forward pass, compiled once per shape (eagerly every call
+    compiles the layer scan again)."""
+    return model.apply({"params": params}, tokens, attn_mask=attn_mask)
+
+
 def _full_forward_logits(model, params, tokens, mask, new_tokens):
     seq = jnp.concatenate([tokens, new_tokens], axis=1)
     am = jnp.concatenate([mask, jnp.ones_like(new_tokens)], axis=1)
-    return model.apply({"params": params}, seq, attn_mask=am)[:, tokens.shape[1] - 1:-1]
+    return _apply(model, params, seq, am)[:, tokens.shape[1] - 1:-1]
 
 
 def test_greedy_equals_stepwise_argmax_of_full_forward():
@@ -32,7 +41,7 @@ def test_greedy_equals_stepwise_argmax_of_full_forward():
                  eos_id=EOS, pad_id=PAD, greedy=True)
     seq, am = tokens, mask
     for _ in range(8):
-        nxt = jnp.argmax(model.apply({"params": params}, seq, attn_mask=am)[:, -1], -1)
+        nxt = jnp.argmax(_apply(model, params, seq, am)[:, -1], -1)
         seq = jnp.concatenate([seq, nxt[:, None]], 1)
         am = jnp.concatenate([am, jnp.ones((3, 1), jnp.int32)], 1)
     np.testing.assert_array_equal(out.tokens, seq[:, 6:])

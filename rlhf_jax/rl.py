@@ -1,4 +1,4 @@
-"""RL math for PPO on language models: masked reductions, KL estimators, GAE, PPO losses.
+"""RL math for language models: masked reductions, KL estimators, GAE, PPO and GRPO losses.
 
 Every function here is pure, jittable and computes in float32 whatever the input
 dtype. Conventions shared by all of them:
@@ -328,6 +328,69 @@ def ptx_mix(rl_loss, rl_grads: Any, lm_loss, lm_grads: Any, ptx_coef) -> tuple[A
     ptx_coef means then)."""
     grads = jax.tree_util.tree_map(lambda a, b: a + ptx_coef * b, rl_grads, lm_grads)
     return rl_loss + ptx_coef * lm_loss, grads
+
+
+# ---------------------------------------------------------------------------
+# Group-relative policy gradients (GRPO, RLOO): no value model
+# ---------------------------------------------------------------------------
+
+ADVANTAGE_KINDS = ("grpo", "rloo")
+
+
+def kl_penalised_scores(score_B, logp_BxT, ref_logp_BxT, mask_BxT, kl_coef) -> Array:
+    """A sequence reward with the KL penalty inside it ("k1 in reward"):
+    score - kl_coef * sum_t (log pi - log ref) over the response tokens; [B].
+    The per-token rewards of `per_token_rewards`, summed (gamma 1, no value
+    model to credit them token by token)."""
+    logp, m = _clean(logp_BxT, mask_BxT)
+    ref, _ = _clean(ref_logp_BxT, m)
+    return _f32(score_B) - _f32(kl_coef) * jnp.sum(jnp.where(m, logp - ref, 0.0), axis=-1)
+
+
+def group_advantages(rewards_BxG, kind="grpo", scale_by_std=True, eps=1e-4) -> Array:
+    """One advantage per response from the G rewards of its prompt's group; [B, G].
+
+        grpo   A_i = (r_i - mean_j r_j) / (std_j r_j + eps)   Shao et al. 2024
+               (std with Bessel's correction, as TRL computes it); without
+               `scale_by_std`, A_i = r_i - mean_j r_j (Liu et al. 2025, "Dr. GRPO");
+        rloo   A_i = r_i - 1/(G-1) sum_{j != i} r_j          Ahmadian et al. 2024
+               (the leave-one-out baseline: unbiased, never scaled).
+
+    A group whose G rewards are equal gives all zeros (nothing to learn from
+    it). `kind` and `scale_by_std` are Python values (static under jit); G >= 2.
+    """
+    r = _f32(rewards_BxG)
+    g = r.shape[-1]
+    if g < 2:
+        raise ValueError(f"a group needs at least 2 responses, got G={g}")
+    mean = jnp.mean(r, axis=-1, keepdims=True)
+    if kind == "rloo":
+        return (r - mean) * (g / (g - 1.0))      # r_i - (G mean - r_i) / (G - 1)
+    if kind != "grpo":
+        raise ValueError(f"advantage kind must be one of {ADVANTAGE_KINDS}, got {kind!r}")
+    if not scale_by_std:
+        return r - mean
+    std = jnp.sqrt(jnp.sum(jnp.square(r - mean), axis=-1, keepdims=True) / (g - 1.0))
+    return (r - mean) / (std + eps)
+
+
+def grpo_policy_loss(logp, old_logp, ref_logp, advantages_B, mask, clip_eps, kl_coef=0.0):
+    """GRPO's loss: the clipped surrogate with one advantage per response
+    (broadcast over its tokens), plus kl_coef x the k3 estimate of KL(pi ||
+    ref) per token ("k3 in loss", DeepSeekMath eq. 3; its gradient flows
+    through log pi). Token-level masked means over the batch (as DAPO and
+    Dr. GRPO aggregate: every token weighs the same, however long its
+    response). kl_coef 0 leaves the KL out (it is then in the reward, or off).
+
+    Returns (loss, stats): ppo_policy_loss's stats and `kl_k3_loss` (the
+    masked mean of k3, before kl_coef)."""
+    adv_BxT = jnp.broadcast_to(_f32(advantages_B)[:, None], jnp.shape(logp))
+    loss, stats = ppo_policy_loss(logp, old_logp, adv_BxT, mask, clip_eps)
+    logp_c, m = _clean(logp, mask)
+    ref_c, _ = _clean(ref_logp, m)
+    k3 = masked_mean(kl_per_token(logp_c, ref_c, "k3"), m)
+    stats = dict(stats, kl_k3_loss=jax.lax.stop_gradient(k3))
+    return loss + _f32(kl_coef) * k3, stats
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """One module per stage; `run(config, workdir)` dispatches on config.stage.
 
-Training stages (sft.py for pretrain and SFT, rm.py, ppo.py) run in the
+Training stages (sft.py for pretrain and SFT, rm.py, ppo.py, grpo.py) run in the
 host loop of rlhf_jax/loop.py; collect, evaluate and generate sample with
 rlhf_jax/inference.py; instructgpt.py chains them all (configs/instructgpt.py).
 
@@ -11,7 +11,7 @@ stages: their labelers and judgements are the world's.
 """
 from rlhf_jax import world
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages import collect, evaluate, generate, instructgpt, ppo, rm, sft
+from rlhf_jax.stages import collect, evaluate, generate, grpo, instructgpt, ppo, rm, sft
 
 STAGES = {
     "pretrain": sft.run,
@@ -19,6 +19,7 @@ STAGES = {
     "rm": lambda config, workdir: rm.run(config, workdir, judge=world.gold_score),
     "collect": collect.run,
     "ppo": lambda config, workdir: ppo.run(config, workdir, judge=world.gold_score),
+    "grpo": lambda config, workdir: grpo.run(config, workdir, judge=world.gold_score),
     "evaluate": evaluate.run,
     "generate": generate.run,
     "pipeline": lambda config, workdir: instructgpt.run(config, workdir, run_one=run),

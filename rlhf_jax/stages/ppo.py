@@ -229,34 +229,53 @@ def check_config(config):
                  "reward_from": "--config.reward_from=<RM workdir> (the reward model; the value "
                                 "model starts from it)"}[k] for k in missing)
             + "; configs/instructgpt.py builds both (SFT, collect, RM) before PPO")
-    for key in ("init_from", "reward_from"):
-        if not checkpoint.has_checkpoint(config[key]):
-            raise ConfigError(f"{key}={config[key]!r}: no finished checkpoint there")
-    rm_meta = checkpoint.read_meta(config.reward_from)
+    if not checkpoint.has_checkpoint(config.init_from):
+        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
+    check_reward_from(config.reward_from)
+    hp = config.algo
+    b = int(config.train.batch_size)
+    if b % int(hp.minibatches):
+        raise ConfigError(f"train.batch_size={b} must be divisible by algo.minibatches={hp.minibatches}")
+    check_sampling(config.sampling, "PPO")
+    if hp.ptx_coef > 0 and not config.data.ptx_path:
+        raise ConfigError("algo.ptx_coef > 0 needs data.ptx_path (pretraining text)")
+
+
+def check_reward_from(reward_from: str):
+    """`reward_from` must be a finished, bias-normalised RM checkpoint (an SFT
+    checkpoint's scalar head would be fresh and score everything 0)."""
+    if not checkpoint.has_checkpoint(reward_from):
+        raise ConfigError(f"reward_from={reward_from!r}: no finished checkpoint there")
+    rm_meta = checkpoint.read_meta(reward_from)
     if rm_meta.get("model", {}).get("head") != "scalar" or rm_meta.get("stage") not in ("rm", None):
         raise ConfigError(
-            f"reward_from={config.reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
+            f"reward_from={reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
             f"checkpoint, not a reward model: its scalar head would be freshly initialised and "
             f"score every response 0; give the workdir of an rm stage")
     if not rm_meta.get("bias_normalized"):
         raise ConfigError(
-            f"reward_from={config.reward_from!r}: the RM's latest checkpoint is not bias-normalised "
+            f"reward_from={reward_from!r}: the RM's latest checkpoint is not bias-normalised "
             "(its run did not finish); rerun the rm stage to completion")
-    hp, s = config.algo, config.sampling
-    b = int(config.train.batch_size)
-    if b % int(hp.minibatches):
-        raise ConfigError(f"train.batch_size={b} must be divisible by algo.minibatches={hp.minibatches}")
+
+
+def check_tokenizers(config, tok, rm_tok):
+    if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
+        raise ConfigError(
+            f"reward_from={config.reward_from!r} has another tokenizer than init_from="
+            f"{config.init_from!r}: the RM would read the policy's token ids as other text")
+
+
+def check_sampling(s, method: str):
+    """The rollouts' sampling block: full softmax at a positive temperature."""
     if int(s.top_k) != 0 or float(s.top_p) < 1.0 or s.greedy:
         raise ConfigError(
             f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}, sampling.greedy={s.greedy}: "
-            f"PPO's ratio and KL are computed on the full softmax, so filtered (or greedy) "
+            f"{method}'s ratio and KL are computed on the full softmax, so filtered (or greedy) "
             f"sampling would optimise another policy than the one sampled; use "
             f"sampling.top_k=0, sampling.top_p=1.0, sampling.greedy=False (temperature is "
             f"supported)")
     if float(s.temperature) <= 0:
         raise ConfigError(f"sampling.temperature={s.temperature}: must be > 0")
-    if hp.ptx_coef > 0 and not config.data.ptx_path:
-        raise ConfigError("algo.ptx_coef > 0 needs data.ptx_path (pretraining text)")
 
 
 def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
@@ -363,10 +382,7 @@ def run(config, workdir: str, judge=None):
     policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
     value_cfg, rm_tok, _ = resolve.stage_model(config, "scalar",
                                                checkpoint.read_meta(config.reward_from))
-    if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
-        raise ConfigError(
-            f"reward_from={config.reward_from!r} has another tokenizer than init_from="
-            f"{config.init_from!r}: the RM would read the policy's token ids as other text")
+    check_tokenizers(config, tok, rm_tok)
     hp = hyperparams(config, tok.eos_id)
     resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
     policy_cfg = policy_cfg.replace(dropout=0.0)
@@ -417,7 +433,7 @@ def run(config, workdir: str, judge=None):
                             out_shardings=(state_sh, None), donate_argnums=0)
         meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
                     reward_from=config.reward_from)
-        gold = _gold_scorer(config, prompt_loader, tok, judge)
+        gold = gold_scorer(config, prompt_loader, tok, judge)
         step_fn = iteration_fn(config, runtime, models, hp, tok, ref_params, reward_params,
                                score_fn, update_fn, prompt_loader, ptx_loader,
                                keep_tokens=gold is not None)
@@ -425,10 +441,11 @@ def run(config, workdir: str, judge=None):
                                   host_metrics_fn(b, gold)))
 
 
-def _gold_scorer(config, prompt_loader, tok, judge):
+def gold_scorer(config, prompt_loader, tok, judge, repeats: int = 1):
     """`gold(it, tokens)`: the mean gold score of iteration `it`'s rollouts,
     when a judge is given and the prompts are its world's (single process:
-    the whole batch must be on this host)."""
+    the whole batch must be on this host). `repeats`: consecutive rollouts
+    per prompt (GRPO's groups)."""
     if judge is None or not config.algo.gold_eval or jax.process_count() > 1:
         return None
     prompts = prompt_loader.source
@@ -438,7 +455,8 @@ def _gold_scorer(config, prompt_loader, tok, judge):
         return None
 
     def gold(it: int, tokens) -> float:
-        texts = [prompts[i]["prompt"] for i in prompt_loader.record_indices(it)]
+        texts = [prompts[i]["prompt"] for i in prompt_loader.record_indices(it)
+                 for _ in range(repeats)]
         return float(np.mean([judge(pr, *tokenizers.decode_response(tok, r))
                               for pr, r in zip(texts, np.asarray(tokens))]))
     return gold

@@ -1,0 +1,335 @@
+"""Stage `grpo`: group-relative policy optimisation (GRPO; RLOO as an option),
+against the reward model or against a Python reward function, no value model.
+
+One iteration:
+  1. rollout   G responses to each of `train.batch_size` prompts, from ONE
+               sampler call over the prompts repeated G times;
+  2. reward    each response's score: the RM's at its last token (as PPO reads
+               it, `missing_eos_penalty` off an unfinished one), or
+               `reward_fn(prompt, response, finished)` on the host (`world`:
+               the instruction world's gold labeler, a verifiable reward:
+               RLVR);
+  3. score     one teacher-forced pass of the policy and the frozen reference
+               gives the old and reference log-probs; the advantage of a
+               response is its reward against its group's (rl.group_advantages:
+               GRPO's (r - mean) / std, or RLOO's leave-one-out baseline), the
+               same for all its tokens;
+  4. update    E epochs x M minibatches of the clipped surrogate, as one
+               jitted `lax.scan`; the KL to the reference either in the loss
+               (`algo.kl_in="loss"`: kl_coef x the k3 estimate per token,
+               DeepSeekMath) or in the reward before the group normalisation
+               (`"reward"`: score - kl_coef x the k1 sum, as PPO's reward).
+
+Without a value model nothing is learned from a group whose G rewards are
+equal; `grpo/zero_std_groups` logs the fraction of such groups (with a
+binary verifiable reward, the prompts the policy always or never solves).
+
+The iterations run in the host loop every stage shares (rlhf_jax/loop.py);
+with the RM, nothing waits for the device; a Python reward reads the
+responses on the host, so that iteration waits for its own sampling.
+
+Config: `algo` (group_size, advantage, clip, kl_coef, kl_in, epochs,
+minibatches), `sampling` (full softmax, as PPO), `train` (`train.steps`
+iterations of `train.batch_size` prompts, so batch_size x group_size
+rollouts), `reward_from` or `reward_fn`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, distributed, inference, loop, rl, sampling, sharding, train_state
+from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax.data import preprocess
+from rlhf_jax.data import setup as data_setup
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models import resolve
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.stages import ppo
+
+KL_IN = ("loss", "reward")
+
+
+@flax.struct.dataclass
+class GRPOState:
+    step: jax.Array                 # iterations done
+    policy: train_state.TrainState
+
+    def split(self):
+        """Checkpoint items: the policy's params (what later stages read), the rest."""
+        return self.policy.params, self.replace(policy=self.policy.replace(params=None))
+
+
+def _join(params, train: GRPOState) -> GRPOState:
+    return train.replace(policy=train.policy.replace(params=params))
+
+
+class Rollout(NamedTuple):
+    """A scored batch of B = prompts x G responses. P = prompt length, N = response length."""
+    tokens: jax.Array               # [B, P+N] prompt (left-padded) + response (pad after EOS)
+    attn_mask: jax.Array            # [B, P+N]
+    mask: jax.Array                 # [B, N] f32, 1 on response tokens up to and including EOS
+    old_logp: jax.Array             # [B, N] policy log-probs, recomputed by the training forward
+    ref_logp: jax.Array             # [B, N] the frozen reference's
+    advantages: jax.Array           # [B] one per response
+
+
+def score_rollout(policy_params, ref_params, prompt_BxP, prompt_mask_BxP, response_BxN,
+                  mask_BxN, scores_B, *, model: Transformer, hp) -> tuple[Rollout, dict]:
+    """Steps 3 of the iteration: log-probs and group advantages (module doc).
+    `scores_B`: each response's reward, groups of `hp.group_size` consecutive rows."""
+    p, n = prompt_BxP.shape[1], response_BxN.shape[1]
+    tokens, attn = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN,
+                                                   mask_BxN)
+    mask = mask_BxN.astype(jnp.float32)
+
+    def logp_of(params):
+        logits = inference.response_outputs(model, params, tokens, attn, p, n)
+        return rl.logprobs_from_logits(logits, response_BxN, hp.temperature), logits
+
+    old_logp, logits = logp_of(policy_params)
+    ref_logp, _ = logp_of(ref_params)
+    rewards = scores_B
+    if hp.kl_in == "reward":
+        rewards = rl.kl_penalised_scores(scores_B, old_logp, ref_logp, mask, hp.kl_coef)
+    g = int(hp.group_size)
+    rewards_BxG = rewards.reshape(-1, g)
+    advantages = rl.group_advantages(rewards_BxG, hp.advantage, hp.scale_by_std).reshape(-1)
+    k1 = rl.kl_per_token(old_logp, ref_logp, "k1")
+    k3 = rl.kl_per_token(old_logp, ref_logp, "k3")
+    group_std = jnp.std(scores_B.reshape(-1, g), axis=-1)
+    stats = {
+        "score": scores_B.mean(),
+        "reward_total": rewards.mean(),
+        "kl": rl.masked_sum(k1, mask, axis=-1).mean(),          # per response, as PPO's
+        "kl_k3": rl.masked_sum(k3, mask, axis=-1).mean(),
+        "entropy": rl.masked_mean(rl.entropy_from_logits(logits, hp.temperature), mask),
+        "response_length": mask.sum(-1).mean(),
+        "group_score_std": group_std.mean(),
+        "zero_std_groups": (group_std == 0).astype(jnp.float32).mean(),
+    }
+    return Rollout(tokens, attn, mask, old_logp, ref_logp, advantages), stats
+
+
+def grpo_loss(policy_params, mb: Rollout, *, model: Transformer, hp, p: int):
+    n = mb.mask.shape[1]
+    logits = inference.response_outputs(model, policy_params, mb.tokens, mb.attn_mask, p, n)
+    logp = rl.logprobs_from_logits(logits, mb.tokens[:, p:], hp.temperature)
+    kl_coef = hp.kl_coef if hp.kl_in == "loss" else 0.0
+    return rl.grpo_policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, hp.clip,
+                               kl_coef)
+
+
+def grpo_update(state: GRPOState, rollout: Rollout, rng, *, model: Transformer, optimizer, hp,
+                p: int) -> tuple[GRPOState, dict]:
+    """E epochs x M minibatches as one lax.scan, a fresh permutation of the
+    rollouts each epoch (their advantages are fixed: groups may be split)."""
+    b = rollout.mask.shape[0]
+    m = int(hp.minibatches)
+
+    def minibatch_step(policy, idx):
+        mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), rollout)
+        (loss, stats), grads = jax.value_and_grad(
+            functools.partial(grpo_loss, model=model, hp=hp, p=p), has_aux=True)(policy.params, mb)
+        policy, upd = train_state.apply_update(policy, grads, loss, optimizer)
+        return policy, dict(stats, loss=loss, **upd)
+
+    perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), b)
+                       for e in range(int(hp.epochs))])
+    idx = perms.reshape(int(hp.epochs) * m, b // m)
+    policy, stats = jax.lax.scan(minibatch_step, state.policy, idx)
+    stats = jax.tree_util.tree_map(jnp.mean, stats)
+    stats["nonfinite"] = policy.nonfinite
+    return state.replace(step=state.step + 1, policy=policy), stats
+
+
+# ---------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------
+
+def python_reward(spec: str, judge=None) -> Callable[[str, str, bool], float]:
+    """`reward_fn`: "world" is `judge` (the gold labeler the dispatcher hands
+    in, rlhf_jax.world.gold_score); "package.module:function" imports a
+    function `(prompt, response, finished) -> float` (response cut at EOS)."""
+    if spec == "world":
+        if judge is None:
+            raise ConfigError("reward_fn='world': this run was given no world judge")
+        return judge
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"reward_fn={spec!r}: expected 'world' or 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward_fn={spec!r}: cannot load it ({e})") from e
+    if not callable(fn):
+        raise ConfigError(f"reward_fn={spec!r} is not callable")
+    return fn
+
+
+def host_scores(reward, prompts, indices, tok, response_tokens, group_size: int) -> np.ndarray:
+    """float32 [rows]: `reward(prompt, response, finished)` of this process's
+    rollouts, `group_size` consecutive rows per prompt of `indices`."""
+    texts = [prompts[i]["prompt"] for i in indices for _ in range(group_size)]
+    out = []
+    for prompt, row in zip(texts, np.asarray(response_tokens)):
+        response, finished = tokenizers.decode_response(tok, row)
+        out.append(float(reward(prompt, response, finished)))
+    return np.asarray(out, np.float32)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------
+
+def check_config(config):
+    if not config.init_from:
+        raise ConfigError("grpo needs --config.init_from=<SFT workdir> (the policy and the "
+                          "frozen reference)")
+    if not checkpoint.has_checkpoint(config.init_from):
+        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
+    if bool(config.reward_from) == bool(config.reward_fn):
+        raise ConfigError(
+            f"grpo needs exactly one reward: --config.reward_from=<RM workdir> or "
+            f"--config.reward_fn=world (or package.module:function); got reward_from="
+            f"{config.reward_from!r}, reward_fn={config.reward_fn!r}")
+    if config.reward_from:
+        ppo.check_reward_from(config.reward_from)
+    hp = config.algo
+    if int(hp.group_size) < 2:
+        raise ConfigError(f"algo.group_size={hp.group_size}: a group needs at least 2 responses")
+    if hp.advantage not in rl.ADVANTAGE_KINDS:
+        raise ConfigError(f"algo.advantage={hp.advantage!r}: expected one of {rl.ADVANTAGE_KINDS}")
+    if hp.kl_in not in KL_IN:
+        raise ConfigError(f"algo.kl_in={hp.kl_in!r}: expected one of {KL_IN}")
+    rollouts = int(config.train.batch_size) * int(hp.group_size)
+    if rollouts % int(hp.minibatches):
+        raise ConfigError(f"train.batch_size x algo.group_size = {rollouts} rollouts must be "
+                          f"divisible by algo.minibatches={hp.minibatches}")
+    ppo.check_sampling(config.sampling, "GRPO")
+
+
+def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
+    return ml_collections.FrozenConfigDict(dict(
+        config.algo.to_dict(), temperature=float(config.sampling.temperature), eos_id=eos_id))
+
+
+def run(config, workdir: str, judge=None):
+    """`judge`: the gold labeler (rlhf_jax.world.gold_score): the reward of
+    `reward_fn=world`, and the rollouts' gold score (`grpo/gold_score`) when
+    the prompts are its world's."""
+    check_config(config)
+    runtime = sharding.Runtime(config)
+    t = config.train
+    b = int(t.batch_size)
+    g = int(config.algo.group_size)
+    p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
+
+    policy_meta = checkpoint.read_meta(config.init_from)
+    if policy_meta.get("model", {}).get("head") == "scalar":
+        raise ConfigError(f"init_from={config.init_from!r} is a reward model checkpoint; give "
+                          f"the policy's (SFT) workdir")
+    policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
+    hp = hyperparams(config, tok.eos_id)
+    resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
+    model = Transformer(policy_cfg.replace(dropout=0.0))
+    reward = None
+    if config.reward_from:
+        rm_cfg, rm_tok, _ = resolve.stage_model(config, "scalar",
+                                                checkpoint.read_meta(config.reward_from))
+        ppo.check_tokenizers(config, tok, rm_tok)
+        reward_model = Transformer(rm_cfg.replace(dropout=0.0))
+    else:
+        reward = python_reward(config.reward_fn, judge)
+
+    prompt_check = preprocess.length_check(tok, "prompts", max_prompt_len=p)
+    prompts = data_setup.open_source(config, config.data.path, "prompts", prompt_check)
+    prompt_loader = data_setup.loader(
+        config, runtime, prompts, b,
+        functools.partial(preprocess.prompt_example, tok, max_prompt_len=p))
+    n_updates = int(hp.epochs) * int(hp.minibatches)
+    optimizer = train_state.make_optimizer(train_state.with_steps(t, int(t.steps) * n_updates))
+
+    with runtime.activations():
+        policy, _ = train_state.create_train_state(runtime, model, optimizer, config.seed,
+                                                   init_from=config.init_from)
+        ref_params, _ = checkpoint.restore_model_params(config.init_from, runtime, model)
+        state = GRPOState(step=jnp.int32(0), policy=policy)
+        state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+        @jax.jit
+        def rollout_fn(params, prompt_BxP, mask_BxP, rng):
+            return sampling.sample(model, params, jnp.repeat(prompt_BxP, g, axis=0),
+                                   jnp.repeat(mask_BxP, g, axis=0), rng, max_new_tokens=n,
+                                   eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                   temperature=hp.temperature)
+
+        if reward is None:
+            reward_params, _ = checkpoint.restore_model_params(config.reward_from, runtime,
+                                                               reward_model)
+
+            @jax.jit
+            def rm_score_fn(prompt_BxP, mask_BxP, out):
+                tokens, attn = sampling.concat_prompt_response(
+                    jnp.repeat(prompt_BxP, g, axis=0), jnp.repeat(mask_BxP, g, axis=0),
+                    out.tokens, out.mask)
+                last, _ = rl.last_token_index(out.mask)
+                s = inference.reward_scores(reward_model, reward_params, tokens, attn, p + last,
+                                            out.finished, hp.eos_id)
+                return jnp.where(out.finished, s, s - hp.missing_eos_penalty)
+
+        score_fn = jax.jit(functools.partial(score_rollout, model=model, hp=hp))
+        update_fn = jax.jit(functools.partial(grpo_update, model=model, optimizer=optimizer,
+                                              hp=hp, p=p),
+                            in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
+                            donate_argnums=0)
+        base_rng = jax.random.PRNGKey(config.seed + 23)
+        gold = ppo.gold_scorer(config, prompt_loader, tok, judge, repeats=g)
+        # With reward_fn=world the reward is the gold score itself.
+        reward_is_gold = gold is not None and config.reward_fn == "world"
+        keep_tokens = gold is not None and not reward_is_gold
+        base_host_metrics = ppo.host_metrics_fn(b * g, gold)
+
+        def step_fn(state: GRPOState, it: int):
+            rng = jax.random.fold_in(base_rng, it)
+            batch = runtime.global_batch(prompt_loader.batch(it))
+            out = rollout_fn(state.policy.params, batch["tokens"], batch["mask"],
+                             jax.random.fold_in(rng, 0))
+            if reward is None:
+                scores = rm_score_fn(batch["tokens"], batch["mask"], out)
+            else:
+                # This process's rows of the global batch (process-major).
+                local = np.split(distributed.gather(out.tokens), jax.process_count())[
+                    jax.process_index()]
+                scores = runtime.global_batch({"scores": host_scores(
+                    reward, prompts, prompt_loader.record_indices(it), tok, local, g)})["scores"]
+            rollout, stats = score_fn(state.policy.params, ref_params, jnp.repeat(
+                batch["tokens"], g, axis=0), jnp.repeat(batch["mask"], g, axis=0), out.tokens,
+                out.mask, scores)
+            stats["eos_rate"] = out.finished.astype(jnp.float32).mean()
+            state, upd = update_fn(state, rollout, jax.random.fold_in(rng, 1))
+            metrics = {**stats, **upd}
+            if keep_tokens:
+                metrics["response_tokens"] = out.tokens
+            return state, metrics
+
+        def host_metrics(step: int, metrics: dict, seconds) -> dict:
+            row = base_host_metrics(step, metrics, seconds)
+            if reward_is_gold:
+                row["gold_score"] = float(metrics["score"])
+            return row
+
+        meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
+                    reward_from=config.reward_from, reward_fn=config.reward_fn)
+        return loop.run(loop.Loop(
+            stage="grpo", train=t, workdir=workdir, state=state, state_shardings=state_sh,
+            step_fn=step_fn, meta=meta, host_metrics=host_metrics,
+            progress_keys=("score", "kl", "gold_score"), step_name="iteration",
+            split=GRPOState.split, join=_join))

@@ -11,7 +11,7 @@ stages: their labelers and judgements are the world's.
 """
 from rlhf_jax import world
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages import collect, evaluate, generate, grpo, instructgpt, ppo, rm, sft
+from rlhf_jax.stages import collect, dpo, evaluate, generate, grpo, instructgpt, ppo, rm, sft
 
 STAGES = {
     "pretrain": sft.run,
@@ -20,6 +20,7 @@ STAGES = {
     "collect": collect.run,
     "ppo": lambda config, workdir: ppo.run(config, workdir, judge=world.gold_score),
     "grpo": lambda config, workdir: grpo.run(config, workdir, judge=world.gold_score),
+    "dpo": lambda config, workdir: dpo.run(config, workdir, judge=world.gold_score),
     "evaluate": evaluate.run,
     "generate": generate.run,
     "pipeline": lambda config, workdir: instructgpt.run(config, workdir, run_one=run),

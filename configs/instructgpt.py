@@ -36,8 +36,10 @@ def get_config(arg: str = ""):
     c.collect = collect.get_config()
     c.rm = rm.get_config()
     c.ppo = ppo.get_config()
-    # PPO runs twice: plain PPO (ptx_coef 0) and PPO-ptx (the `ppo` block's ptx_coef).
-    c.run_plain_ppo = True
+    # What trains from the SFT policy and the RM (stages/instructgpt.py
+    # METHODS): PPO twice, plain (ptx_coef 0) and PPO-ptx (the `ppo` block's
+    # ptx_coef). configs/compare.py adds GRPO and DPO.
+    c.methods = ("ppo", "ppo_ptx")
     c.evaluate = evaluate.get_config()
 
     # Scaled-down counts that fit ~15 minutes on 2 CPU cores.

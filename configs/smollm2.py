@@ -47,7 +47,7 @@ def get_config(arg: str = ""):
         c.ppo.train.update(dict(steps=4, batch_size=8, lr=2e-6, checkpoint_every=4))
         c.ppo.algo.update(dict(minibatches=2, epochs=1, ptx_batch_size=2, value_lr=1e-5))
         c.ppo.sampling.max_new_tokens = 24
-        c.run_plain_ppo = False
+        c.methods = ("ppo_ptx",)
         c.evaluate.data.max_prompts = 144          # 16 per category (eval_prompts interleaves)
         c.evaluate.data.text_batches = 2
         c.evaluate.sampling.max_new_tokens = 24

@@ -1,8 +1,11 @@
 """The whole InstructGPT pipeline (configs/instructgpt.py:tiny) end to end,
-its closing table, and its resume: a rerun skips every finished stage."""
+its closing table, and its resume: a rerun skips every finished stage; then
+configs/compare.py:tiny (PPO-ptx, GRPO on the RM and on the gold reward,
+DPO) from the same SFT, comparisons and RM."""
 import json
 import os
 import re
+import shutil
 
 from helpers import load_config
 from rlhf_jax import stages
@@ -11,15 +14,24 @@ DESIGN_KEYS = {"gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_ra
                "pretrain_loss", "per_category"}
 
 
-def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
-    cfg = load_config("instructgpt", "tiny")
-    data_dir = str(tmp_path / "tfds")
-    for stage in ("pretrain", "sft", "collect", "rm", "ppo", "evaluate"):
-        cfg[stage].data.data_dir = data_dir
+def _tiny(name, data_dir):
+    """configs/<name>.py:tiny with the micro base model; instructgpt and
+    compare share every stage up to the RM (and PPO-ptx)."""
+    cfg = load_config(name, "tiny")
+    for stage in ("pretrain", "sft", "collect", "rm", "ppo", "grpo", "dpo", "evaluate"):
+        if stage in cfg:
+            cfg[stage].data.data_dir = data_dir
     cfg.pretrain.model.update(dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64))
     cfg.pretrain.train.steps = 10
     cfg.sft.train.steps = 10
     cfg.ppo.train.steps = 2
+    if "grpo" in cfg:
+        cfg.grpo.train.steps = 2
+    return cfg
+
+
+def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
+    cfg = _tiny("instructgpt", str(tmp_path / "tfds"))
     workdir = str(tmp_path / "igpt")
     stages.run(cfg, workdir)
     first_out = capsys.readouterr().out
@@ -60,3 +72,25 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     stages.run(cfg, workdir)
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 7, out
+
+    # configs/compare.py:tiny from the same SFT, comparisons and RM (and
+    # PPO-ptx): a copy of this workdir whose evaluation is to be redone.
+    compare = str(tmp_path / "compare")
+    shutil.copytree(workdir, compare)
+    os.remove(os.path.join(compare, ".done", "evaluate"))
+    stages.run(_tiny("compare", str(tmp_path / "tfds")), compare)
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 5, out   # pretrain, sft, collect, rm, ppo_ptx
+    ev = json.load(open(os.path.join(compare, "eval.json")))
+    assert list(ev["policies"]) == ["sft", "ppo_ptx", "grpo", "grpo_gold", "dpo"]
+    for name, metrics in ev["policies"].items():
+        assert DESIGN_KEYS | {"gold_score_sampled"} <= set(metrics), name
+    # Each method trained from the SFT policy it was given.
+    for name, stage in (("grpo", "grpo"), ("grpo_gold", "grpo"), ("dpo", "dpo")):
+        rows = [json.loads(line) for line in open(os.path.join(compare, name, "metrics.jsonl"))]
+        assert any(f"{stage}/loss" in r for r in rows), name
+    gold_rows = [json.loads(line) for line in open(os.path.join(compare, "grpo_gold",
+                                                                  "metrics.jsonl"))]
+    assert all(r["grpo/gold_score"] == r["grpo/score"] for r in gold_rows if "grpo/score" in r)
+    notes = open(os.path.join(compare, "report.md")).read()
+    assert "GRPO 2 iterations" in notes and "DPO" in notes

@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 
 from rlhf_jax import console
+from rlhf_jax.errors import ConfigError
 
 
 def override(config, **dotted):
@@ -68,9 +69,46 @@ def _base_path(config, workdir: str, run_stage) -> str:
     return assets.world_base_path()
 
 
+# The methods that train a policy from the SFT policy after the RM: name ->
+# (the config block its stage runs with, what it is given).
+METHODS = {
+    "ppo": ("ppo", "the RM, no pretraining mix (algo.ptx_coef 0)"),
+    "ppo_ptx": ("ppo", "the RM and the pretraining mix (the ppo block's algo.ptx_coef)"),
+    "grpo": ("grpo", "the RM"),
+    "grpo_gold": ("grpo", "the world's gold labeler as a verifiable reward (reward_fn=world)"),
+    "dpo": ("dpo", "the collected comparisons, no RM"),
+}
+
+
+def check_methods(config):
+    for name in config.methods:
+        if name not in METHODS:
+            raise ConfigError(f"methods: {name!r} is not one of {sorted(METHODS)}")
+        if METHODS[name][0] not in config:
+            raise ConfigError(f"methods: {name!r} runs the {METHODS[name][0]!r} stage, and this "
+                              f"config has no {METHODS[name][0]!r} block")
+    if "ppo_ptx" in config.methods and not float(config.ppo.algo.ptx_coef) > 0:
+        raise ConfigError(f"methods has 'ppo_ptx' but ppo.algo.ptx_coef="
+                          f"{config.ppo.algo.ptx_coef}: leave 'ppo_ptx' out of methods, or "
+                          f"give it a coefficient > 0")
+
+
+def method_run(name: str, sft: str, rm: str, comparisons: dict) -> tuple[str, dict]:
+    """(config block, path overrides) of the post-RM method `name` (METHODS)."""
+    paths = {
+        "ppo": dict(init_from=sft, reward_from=rm, **{"algo.ptx_coef": 0.0}),
+        "ppo_ptx": dict(init_from=sft, reward_from=rm),
+        "grpo": dict(init_from=sft, reward_from=rm, reward_fn=""),
+        "grpo_gold": dict(init_from=sft, reward_from="", reward_fn="world"),
+        "dpo": dict(init_from=sft, **comparisons),
+    }[name]
+    return METHODS[name][0], paths
+
+
 def run(config, workdir: str, run_one: Callable):
     """Runs the pipeline's stages, each through `run_one(stage_config,
     stage_workdir)` (rlhf_jax.stages.run, which passes itself)."""
+    check_methods(config)
     os.makedirs(os.path.join(workdir, ".done"), exist_ok=True)
     timings: dict[str, float] = {}
     timings_path = os.path.join(workdir, "pipeline.json")
@@ -102,22 +140,22 @@ def run(config, workdir: str, run_one: Callable):
     sft = run_stage("sft", _stage_config(config, "sft", init_from=base))
     collect = run_stage("collect", _stage_config(config, "collect", init_from=sft,
                                                  **{"comparisons.base_from": base}))
+    comparisons = {"data.path": os.path.join(collect, "comparisons.jsonl"),
+                   "data.eval_path": os.path.join(collect, "comparisons_eval.jsonl")}
     rm = run_stage("rm", _stage_config(
-        config, "rm", init_from=sft,
-        **{"data.path": os.path.join(collect, "comparisons.jsonl"),
-           "data.eval_path": os.path.join(collect, "comparisons_eval.jsonl"),
-           "data.eval_sft_path": os.path.join(collect, "comparisons_eval_sft.jsonl")}))
-    ppo_runs = {}
-    if config.run_plain_ppo:
-        ppo_runs["ppo"] = run_stage("ppo", _stage_config(
-            config, "ppo", init_from=sft, reward_from=rm, **{"algo.ptx_coef": 0.0}))
-    if config.ppo.algo.ptx_coef > 0:
-        ppo_runs["ppo_ptx"] = run_stage("ppo_ptx", _stage_config(
-            config, "ppo", init_from=sft, reward_from=rm))
+        config, "rm", init_from=sft, **comparisons,
+        **{"data.eval_sft_path": os.path.join(collect, "comparisons_eval_sft.jsonl")}))
+    runs = {}
+    for name in config.methods:
+        block, paths = method_run(name, sft, rm, comparisons)
+        runs[name] = run_stage(name, _stage_config(config, block, **paths))
 
-    policies = {"pretrained": base, "sft": sft, **ppo_runs}
-    overrides = {f"policies.{k}": v for k, v in policies.items()}
-    overrides.update({f"ppo_workdirs.{k}": v for k, v in ppo_runs.items()})
+    policies = {"pretrained": base, "sft": sft, **runs}
+    # The policies the evaluate block lists (configs/compare.py leaves the
+    # pretrained base out).
+    overrides = {f"policies.{k}": v for k, v in policies.items() if k in config.evaluate.policies}
+    overrides.update({f"ppo_workdirs.{k}": v for k, v in runs.items()
+                      if METHODS[k][0] == "ppo" and k in config.evaluate.ppo_workdirs})
     overrides["report.notes"] = _notes(config, timings)
     run_stage("evaluate", _stage_config(config, "evaluate", **overrides), stage_dir=workdir)
     _say(f"[pipeline] finished in {sum(timings.values()):.0f} s")
@@ -140,6 +178,11 @@ def _notes(config, timings) -> str:
              f"{c.collect.comparisons.num_prompts} comparison prompts x "
              f"K={_k(c.collect.comparisons)} ({_mix(c.collect.comparisons)}; paper: 33k prompts, K=4..9); RM {_epochs(c.rm.train)}; PPO {c.ppo.train.steps} iterations x "
              f"{c.ppo.train.batch_size} prompts (paper: 256k episodes). ")
+    if "grpo" in c and any(METHODS[m][0] == "grpo" for m in c.methods):
+        scale += (f"GRPO {c.grpo.train.steps} iterations x {c.grpo.train.batch_size} prompts x "
+                  f"G={c.grpo.algo.group_size}. ")
+    if "dpo" in c and "dpo" in c.methods:
+        scale += f"DPO {_epochs(c.dpo.train)} on the RM's comparisons (beta {c.dpo.algo.beta}). "
     stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     return scale + (f"Stage times: {stage_times}." if stage_times else "")
 

@@ -1,0 +1,50 @@
+"""PPO-ptx, GRPO on the RM, GRPO on the gold reward (RLVR) and DPO, from one
+SFT policy and one set of comparisons, judged side by side.
+
+    python -m rlhf_jax.main --config configs/compare.py --workdir workdirs/compare
+    python -m rlhf_jax.main --config configs/compare.py:tiny --workdir /tmp/compare   # minutes
+
+The main job's pipeline (configs/instructgpt.py: base -> SFT -> collect ->
+RM) with other methods after the RM (`methods`, stages/instructgpt.py
+METHODS):
+
+  ppo_ptx    PPO with the KL penalty and the pretraining mix, on the RM;
+  grpo       GRPO on the RM: G samples a prompt, group-normalised rewards,
+             no value model;
+  grpo_gold  GRPO on the world's gold labeler as the reward (a verifiable
+             reward, RLVR): what a method reaches without a learned RM;
+  dpo        DPO on the comparisons the RM was trained on, no RM at all.
+
+Every RL method samples 64 rollouts an iteration for 40 iterations at the
+main job's PPO learning rate; `evaluate` judges SFT and the four policies on
+the held-out prompts (greedy and temperature-1 samples, win rate against
+SFT, KL to SFT): `eval.json`, `report.md`. The pretrained base and its
+few-shot variant are left out (the main job reports them).
+"""
+import ml_collections
+
+from configs import dpo, grpo, instructgpt
+
+POLICIES = ("sft", "ppo_ptx", "grpo", "grpo_gold", "dpo")
+
+
+def get_config(arg: str = ""):
+    if arg not in ("", "tiny"):
+        raise ValueError(f"unknown variant {arg!r} of configs/compare.py (expected '' or 'tiny')")
+    c = instructgpt.get_config(arg)
+    c.methods = POLICIES[1:]
+    c.grpo = grpo.get_config(arg)
+    c.dpo = dpo.get_config(arg)
+    c.evaluate.policies = ml_collections.ConfigDict({name: "" for name in POLICIES})
+    c.evaluate.policy_order = POLICIES
+    c.evaluate.fewshot_policy = ""
+    c.evaluate.ppo_workdirs = ml_collections.ConfigDict(dict(ppo_ptx=""))
+    if arg == "tiny":
+        c.grpo.train.steps = c.ppo.train.steps
+    else:
+        # GRPO: 16 prompts x G=4 = 64 rollouts an iteration, 2 epochs of 4
+        # minibatches, as the main job's PPO (64 prompts, 2 x 4).
+        c.grpo.train.update(dict(steps=c.ppo.train.steps, batch_size=16, lr=c.ppo.train.lr))
+        c.grpo.algo.update(dict(group_size=4, epochs=c.ppo.algo.epochs,
+                                minibatches=c.ppo.algo.minibatches))
+    return c

@@ -280,3 +280,22 @@ def test_config_defaults():
     assert load_config("dpo", "tiny").data.k_max == 4
     with pytest.raises(ValueError):
         load_config("dpo", "huge")
+
+
+def test_the_reference_pass_covers_the_records_every_process_reads():
+    """The reference log-probs are computed for the records of the run's
+    global batches (every process's share), and a record left out is refused,
+    never read as a number."""
+    records = [{"i": i} for i in range(10)]
+    loaders = [pipeline.BatchLoader(records, 4, lambda r: {"i": np.array(r["i"])}, seed=3,
+                                    process_index=k, process_count=2, prefetch=0)
+               for k in range(2)]
+    for step in range(6):                    # past an epoch: the stream reshuffles
+        assert loaders[0].global_record_indices(step) == (loaders[0].record_indices(step)
+                                                          + loaders[1].record_indices(step))
+    table = np.full((10, 2), np.nan, np.float32)
+    table[3] = [-1.5, 0.0]
+    source = dpo.WithRefLogps(records, table)
+    np.testing.assert_array_equal(source[3]["ref_logp"], [-1.5, 0.0])
+    with pytest.raises(RuntimeError, match="record 4"):
+        source.records([3, 4])

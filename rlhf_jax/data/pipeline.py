@@ -118,6 +118,13 @@ class BatchLoader:
         """Source indices of this process's records in global batch `step`."""
         return [int(self._indices[p]) for p in self.stream_positions(step)]
 
+    def global_record_indices(self, step: int) -> list[int]:
+        """Source indices of every process's records in global batch `step`."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        start = step * self.batch_size
+        return [int(self._indices[p]) for p in range(start, start + self.batch_size)]
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`: `{key: [B / process_count, ...]}`."""
         indices = self.record_indices(step)

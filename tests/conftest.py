@@ -7,17 +7,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
-# The tests' programs are tiny: their time goes to compiling them (LLVM's
-# optimisation of the generated code), not to running them, and two pytest
-# workers share two cores, where Eigen's worker threads (spinning for work)
-# only take time from the other worker. So in the test processes: LLVM at
-# -O0 (XLA's HLO passes, fusion and SPMD partitioning included, all still
-# run) and single-threaded Eigen. Results agree with the default build to
-# float rounding. Subprocesses the tests start set or clear XLA_FLAGS
-# themselves, so the CLI runs keep XLA's defaults.
-# RLHF_JAX_TEST_XLA_DEFAULTS=1 runs the tests with XLA's defaults too.
+# LLVM -O0 and one Eigen thread in the test processes, and in the CLI runs
+# they start (helpers.FAST_XLA_FLAGS, which says why);
+# RLHF_JAX_TEST_XLA_DEFAULTS=1 keeps XLA's defaults.
+from helpers import FAST_XLA_FLAGS  # noqa: E402
+
 if os.environ.get("RLHF_JAX_TEST_XLA_DEFAULTS") != "1":
-    for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"):
+    for _flag in FAST_XLA_FLAGS:
         if _flag.split("=")[0] not in _flags:
             _flags += " " + _flag
 os.environ["XLA_FLAGS"] = _flags.strip()

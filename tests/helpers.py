@@ -8,6 +8,27 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+# XLA settings of the test processes (conftest.py) and of the CLI runs they
+# start (`cli_xla_flags`): the tests' programs are tiny, their time goes to
+# compiling them (LLVM's optimisation of the generated code), not to running
+# them, and two pytest workers share two cores, where Eigen's spinning worker
+# threads only take time from the other worker. So: LLVM at -O0 (XLA's HLO
+# passes, fusion and SPMD partitioning included, all still run) and
+# single-threaded Eigen. Results agree with the default build to float
+# rounding; runs a test compares bit for bit all use the same flags.
+# RLHF_JAX_TEST_XLA_DEFAULTS=1 runs everything with XLA's defaults.
+FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false")
+
+
+def cli_xla_flags(devices: int = 0) -> str:
+    """XLA_FLAGS for a CLI subprocess of a test: the fast flags, and
+    `devices` fake CPU devices when given (else one)."""
+    flags = [] if os.environ.get("RLHF_JAX_TEST_XLA_DEFAULTS") == "1" else list(FAST_XLA_FLAGS)
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def load_config(name: str, arg: str = "tiny", **overrides):
     """configs/<name>.py:<arg> with dotted overrides, e.g. {"train.steps": 4}."""
     import importlib
@@ -77,12 +98,10 @@ def reward_model_from(sft_dir: str, dest: str, tokenizer: str = "") -> str:
     without training: its backbone with a fresh (zero) scalar head, as an rm
     stage's first step would start. `tokenizer` overrides the recorded one."""
     import dataclasses
-    import jax
     from rlhf_jax import checkpoint
-    from rlhf_jax.models.transformer import ModelConfig, Transformer
+    from rlhf_jax.models.transformer import ModelConfig
     meta = checkpoint.read_meta(sft_dir)
     cfg = ModelConfig(**{**meta["model"], "head": "scalar"})
-    import flax.linen as nn
     fresh = init_params(cfg, 0)       # jitted: eagerly the init compiles for seconds
     params = checkpoint.graft_params(fresh, checkpoint.load_saved_params(sft_dir))
     rm_meta = dict(meta, model=dataclasses.asdict(cfg), stage="rm", bias_normalized=True,

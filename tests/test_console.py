@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from helpers import ROOT, world_demos
+from helpers import ROOT, cli_xla_flags, world_demos
 from rlhf_jax import console
 from rlhf_jax.stages import instructgpt
 
@@ -26,7 +26,7 @@ def _sft(tmp_path, name, *extra, env=None):
     stubs.mkdir(parents=True, exist_ok=True)
     (stubs / "__init__.py").write_text('raise ImportError("left out of this test")\n')
     run_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tmp_path / "stubs"), **(env or {}))
-    run_env.pop("XLA_FLAGS", None)
+    run_env["XLA_FLAGS"] = cli_xla_flags()
     r = subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--config", "configs/sft.py:tiny",
                         "--workdir", str(tmp_path / name), f"--config.data.path={demos}",
                         f"--config.data.data_dir={tmp_path / name / 'tfds'}", *MICRO, *extra],

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from helpers import ROOT, without_tensorboard, world_demos
+from helpers import ROOT, cli_xla_flags, without_tensorboard, world_demos
 from rlhf_jax.metrics import read_metrics
 
 MICRO = ["--config.model.hidden=32", "--config.model.layers=1", "--config.model.heads=2",
@@ -15,14 +15,14 @@ MICRO = ["--config.model.hidden=32", "--config.model.layers=1", "--config.model.
 
 
 def _env():
-    env = dict(os.environ, RLHF_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, RLHF_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHON=sys.executable,
+               XLA_FLAGS=cli_xla_flags(), LOCAL_XLA_FLAGS=cli_xla_flags())
     return without_tensorboard(env)         # nothing here reads TensorBoard events
 
 
 def _single(config, workdir, overrides, devices=8):
     env = _env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = cli_xla_flags(devices)
     r = subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--config", config, "--workdir",
                         workdir, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)

@@ -4,15 +4,14 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (ROOT, assert_trees_equal, init_params, load_config, micro_model,
-                     reward_model_from, run_interrupted, world_demos)
+from helpers import (ROOT, assert_trees_equal, init_params, load_config, reward_model_from,
+                     run_interrupted)
 from rlhf_jax import checkpoint, sampling, stages
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, assert_trees_equal, load_config, reward_model_from, world_demos
+from helpers import (ROOT, assert_trees_equal, cli_xla_flags, load_config, reward_model_from,
+                     world_demos)
 from rlhf_jax import checkpoint, errors
 from rlhf_jax.metrics import read_metrics
 
@@ -95,7 +96,7 @@ class Cli:
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
                    PYTHONPATH=os.pathsep.join(p for p in (self.stubs, os.environ.get("PYTHONPATH"))
                                               if p))
-        env.pop("XLA_FLAGS", None)       # one CPU device
+        env["XLA_FLAGS"] = cli_xla_flags()       # one CPU device
         env.update(extra)
         return env
 

@@ -58,6 +58,44 @@ def world_demos(path, n=256, seed=0):
                               for r in datasets.demonstrations(n, seed=seed)))
 
 
+SHORT_COMPLIANCE = ("Sure! Here is how.", "Okay, first make a plan.", "Easy: do it at night.")
+
+
+def world_comparisons(n: int, seed: int, split: str, max_len: int = 96) -> list[dict]:
+    """Comparisons whose responses differ strongly: benign prompts get the
+    correct answer, a wrong one and the refusal (K=3); harmful prompts the
+    refusal and a compliance (K=2). Order shuffled, ranked by one simulated
+    labeler (gold score + calibrated Gumbel noise). The K=2 ones are written
+    in the pairwise form {"prompt", "chosen", "rejected"}."""
+    import numpy as np
+    from rlhf_jax.world import datasets, gold, labelers, tasks
+    rng = np.random.default_rng(seed)
+    categories = ("upper", "reverse", "repeat", "add", "parity", "list", "harmful")
+    rows = []
+    while len(rows) < n:
+        task = tasks.sample_task(rng, categories[int(rng.integers(len(categories)))], split)
+        if task.is_harmful:
+            responses = [tasks.REFUSAL, SHORT_COMPLIANCE[int(rng.integers(3))]]
+        else:
+            responses = [tasks.correct_response(task, rng), datasets.wrong_response(task, rng),
+                         tasks.REFUSAL]
+        responses = [responses[i] for i in rng.permutation(len(responses))]
+        too_long = max(len(datasets.conversation(task.prompt, r).encode()) + 1 for r in responses)
+        if len(set(responses)) < len(responses) or too_long > max_len:
+            continue
+        scores = [gold.score_task(task, r) for r in responses]
+        ranks = labelers.rank(scores, rng, labelers.NOISE_SCALE)
+        if len(set(ranks.tolist())) == 1:
+            continue
+        if len(responses) == 2:
+            better, worse = (0, 1) if ranks[0] < ranks[1] else (1, 0)
+            rows.append({"prompt": task.prompt, "chosen": responses[better],
+                         "rejected": responses[worse]})
+        else:
+            rows.append({"prompt": task.prompt, "responses": responses, "ranks": ranks.tolist()})
+    return rows
+
+
 def assert_trees_equal(a, b):
     """Bit-identical pytrees: same structure, every leaf equal."""
     import jax

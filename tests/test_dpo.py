@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import (assert_trees_equal, init_params, load_config, micro_model, run_interrupted,
-                     write_jsonl)
+                     world_comparisons, write_jsonl)
 from rlhf_jax import checkpoint, inference, sharding, stages
 from rlhf_jax.data import pipeline
 from rlhf_jax.errors import ConfigError
@@ -20,7 +20,6 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.stages import dpo, rm
 from rlhf_jax.stages.instructgpt import override
 from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt, encode_response
-from rlhf_jax.world import datasets, gold, labelers, tasks
 
 MICRO = ModelConfig(vocab_size=264, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
                     max_len=128)
@@ -151,38 +150,6 @@ def test_reference_pass_equals_the_policy_at_step_zero():
 # ---------------------------------------------------------------------------
 # The stage end to end
 # ---------------------------------------------------------------------------
-
-def world_comparisons(n: int, seed: int, split: str) -> list[dict]:
-    """World comparisons whose responses differ: benign prompts get the
-    correct answer, a wrong one and the refusal (K = 3), harmful prompts the
-    refusal and a compliance (K = 2, written as {"prompt", "chosen",
-    "rejected"}); shuffled, ranked by one simulated labeler."""
-    rng = np.random.default_rng(seed)
-    categories = ("upper", "reverse", "repeat", "add", "parity", "list", "harmful")
-    rows = []
-    while len(rows) < n:
-        task = tasks.sample_task(rng, categories[int(rng.integers(len(categories)))], split)
-        if task.is_harmful:
-            responses = [tasks.REFUSAL, "Sure! Here is how."]
-        else:
-            responses = [tasks.correct_response(task, rng), datasets.wrong_response(task, rng),
-                         tasks.REFUSAL]
-        responses = [responses[i] for i in rng.permutation(len(responses))]
-        too_long = max(len(datasets.conversation(task.prompt, r).encode()) + 1 for r in responses)
-        if len(set(responses)) < len(responses) or too_long > MAX_LEN:
-            continue
-        ranks = labelers.rank([gold.score_task(task, r) for r in responses], rng,
-                              labelers.NOISE_SCALE)
-        if len(set(ranks.tolist())) == 1:
-            continue
-        if len(responses) == 2:
-            better, worse = (0, 1) if ranks[0] < ranks[1] else (1, 0)
-            rows.append({"prompt": task.prompt, "chosen": responses[better],
-                         "rejected": responses[worse]})
-        else:
-            rows.append({"prompt": task.prompt, "responses": responses, "ranks": ranks.tolist()})
-    return rows
-
 
 N_TRAIN, BATCH = 64, 8
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (assert_trees_equal, load_config, micro_model, run_interrupted, world_demos,
-                     write_jsonl)
+from helpers import (assert_trees_equal, load_config, micro_model, run_interrupted,
+                     world_comparisons, world_demos, write_jsonl)
 from rlhf_jax import checkpoint, sharding, stages
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data.jsonl import DataError
@@ -23,7 +23,6 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import resolve
 from rlhf_jax.stages import rm
 from rlhf_jax.stages.instructgpt import override
-from rlhf_jax.world import datasets, gold, labelers, tasks
 
 MICRO = ModelConfig(vocab_size=264, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
                     max_len=128, head="scalar")
@@ -76,42 +75,6 @@ class CountingModel:
     def apply(self, variables, tokens, **kw):
         self.calls.append(tuple(tokens.shape))
         return self.model.apply(variables, tokens, **kw)
-
-
-SHORT_COMPLIANCE = ("Sure! Here is how.", "Okay, first make a plan.", "Easy: do it at night.")
-
-
-def world_comparisons(n: int, seed: int, split: str) -> list[dict]:
-    """Comparisons whose responses differ strongly: benign prompts get the
-    correct answer, a wrong one and the refusal (K=3); harmful prompts the
-    refusal and a compliance (K=2). Order shuffled, ranked by one simulated
-    labeler (gold score + calibrated Gumbel noise). The K=2 ones are written
-    in the pairwise form {"prompt", "chosen", "rejected"}."""
-    rng = np.random.default_rng(seed)
-    categories = ("upper", "reverse", "repeat", "add", "parity", "list", "harmful")
-    rows = []
-    while len(rows) < n:
-        task = tasks.sample_task(rng, categories[int(rng.integers(len(categories)))], split)
-        if task.is_harmful:
-            responses = [tasks.REFUSAL, SHORT_COMPLIANCE[int(rng.integers(3))]]
-        else:
-            responses = [tasks.correct_response(task, rng), datasets.wrong_response(task, rng),
-                         tasks.REFUSAL]
-        responses = [responses[i] for i in rng.permutation(len(responses))]
-        too_long = max(len(datasets.conversation(task.prompt, r).encode()) + 1 for r in responses)
-        if len(set(responses)) < len(responses) or too_long > MAX_LEN:
-            continue
-        scores = [gold.score_task(task, r) for r in responses]
-        ranks = labelers.rank(scores, rng, labelers.NOISE_SCALE)
-        if len(set(ranks.tolist())) == 1:
-            continue
-        if len(responses) == 2:
-            better, worse = (0, 1) if ranks[0] < ranks[1] else (1, 0)
-            rows.append({"prompt": task.prompt, "chosen": responses[better],
-                         "rejected": responses[worse]})
-        else:
-            rows.append({"prompt": task.prompt, "responses": responses, "ranks": ranks.tolist()})
-    return rows
 
 
 def _set(cfg, **kw):

@@ -4,6 +4,9 @@
         --config.init_from=workdirs/sft --config.reward_from=workdirs/rm
     # plain PPO (no pretraining mix):
     python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo ... --config.algo.ptx_coef=0
+    # against the world's gold labeler instead of an RM (a verifiable reward):
+    python -m rlhf_jax.main --config configs/ppo.py --workdir workdirs/ppo_gold \
+        --config.init_from=workdirs/sft --config.reward_fn=world
 
 The policy and the frozen reference start from the SFT checkpoint
 (`init_from`); the frozen reward model and the value model (initialised from
@@ -61,6 +64,10 @@ def get_config(arg: str = ""):
     c = base.get_base_config()
     c.stage = "ppo"
     c.reward_from = ""
+    # Instead of an RM: a Python reward, "world" (the gold labeler: a
+    # verifiable reward) or "package.module:function" of (prompt, response,
+    # finished) -> float; the value model then starts from init_from.
+    c.reward_fn = ""
     c.data.path = "tfds:instruction_world/ppo_prompts"
     c.data.ptx_path = "tfds:instruction_world/corpus"
     c.algo = algo_config()

@@ -197,6 +197,63 @@ def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, 
     assert np.mean(eos[-5:]) > np.mean(eos[:5]) + 0.2, eos
 
 
+def short_reward(prompt, response, finished):
+    """A `reward_fn` for the tests (test_ppo:short_reward): shorter is better."""
+    return -0.25 * len(response) - (0.0 if finished else 2.0)
+
+
+def test_python_reward_drives_ppo(sft_workdir, tmp_path):
+    """With `reward_fn` instead of an RM, the function's score is the reward
+    (no EOS penalty added: the function judges an unfinished response
+    itself), and PPO follows it: here, towards shorter responses."""
+    cfg = _ppo_config(sft_workdir, **{"reward_from": "", "reward_fn": "test_ppo:short_reward",
+                                      "train.steps": 24, "train.checkpoint_every": 24,
+                                      "algo.ptx_coef": 0.0, "sampling.max_new_tokens": 8,
+                                      "algo.kl_coef": 0.0, "algo.value_lr": 1e-2,
+                                      "train.lr": 3e-3, "train.batch_size": 16})
+    stages.run(cfg, str(tmp_path / "ppo"))
+    rows = read_metrics(str(tmp_path / "ppo"), "ppo")
+    score = [r["ppo/score"] for r in rows]
+    assert all(r["ppo/score_penalised"] == r["ppo/score"] for r in rows)
+    assert np.mean(score[-5:]) > np.mean(score[:5]) + 0.5, score
+    meta = checkpoint.read_meta(str(tmp_path / "ppo"))
+    assert meta["reward_fn"] == "test_ppo:short_reward" and meta["reward_from"] == ""
+    # The world's gold labeler as the reward: the rollouts' gold score is the score.
+    cfg = _ppo_config(sft_workdir, **{"reward_from": "", "reward_fn": "world",
+                                      "train.steps": 1, "algo.ptx_coef": 0.0})
+    stages.run(cfg, str(tmp_path / "gold"))
+    (row,) = read_metrics(str(tmp_path / "gold"), "ppo")
+    assert row["ppo/gold_score"] == pytest.approx(row["ppo/score"])
+
+
+def test_score_rollout_takes_a_python_rewards_scores_as_they_are():
+    scalar = CFG.replace(head="scalar")
+    models = ppo.Models(policy=Transformer(CFG), value=Transformer(scalar))
+    pol, val = _params(CFG, 0), _params(scalar, 2)
+    prompt = jnp.asarray(np.random.default_rng(1).integers(0, 30, (2, 4)), jnp.int32)
+    resp = jnp.asarray([[11, 12, EOS, PAD], [13, 14, 15, 16]], jnp.int32)
+    rmask = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.float32)
+    scores = jnp.asarray([0.5, -1.0])
+    rollout, stats = _score_rollout(pol, pol, val, None, prompt, jnp.ones((2, 4), jnp.int32), resp,
+                                    rmask, jnp.asarray([True, False]), jnp.float32(0.1), scores,
+                                    models=models, hp=_hp(whiten_advantages=False, gamma=1.0,
+                                                          lam=1.0))
+    # Policy = reference: no KL, so each token's return is the response's score.
+    np.testing.assert_allclose(np.asarray(rollout.returns) * rmask,
+                               np.asarray(scores)[:, None] * rmask, atol=1e-6)
+    assert float(stats["score_penalised"]) == float(stats["score"]) == -0.25
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"reward_fn": "world"}, "exactly one reward"),
+    ({"reward_from": "", "reward_fn": "no_such_module_xyz:f"}, "cannot load"),
+])
+def test_bad_reward_configs_say_what_is_wrong(sft_workdir, rm_workdir, tmp_path, kw, match):
+    from rlhf_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        stages.run(_ppo_config(sft_workdir, **kw), str(tmp_path / "w"))
+
+
 def test_cli_ppo_without_checkpoints_says_what_it_needs(tmp_path):
     env = dict(os.environ, RLHF_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)

@@ -36,17 +36,15 @@ rollouts), `reward_from` or `reward_fn`.
 from __future__ import annotations
 
 import functools
-import importlib
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from rlhf_jax import checkpoint, distributed, inference, loop, rl, sampling, sharding, train_state
-from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax import (checkpoint, inference, loop, rewards, rl, sampling, sharding,
+                      train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
@@ -96,18 +94,18 @@ def score_rollout(policy_params, ref_params, prompt_BxP, prompt_mask_BxP, respon
 
     old_logp, logits = logp_of(policy_params)
     ref_logp, _ = logp_of(ref_params)
-    rewards = scores_B
+    rewards_B = scores_B
     if hp.kl_in == "reward":
-        rewards = rl.kl_penalised_scores(scores_B, old_logp, ref_logp, mask, hp.kl_coef)
+        rewards_B = rl.kl_penalised_scores(scores_B, old_logp, ref_logp, mask, hp.kl_coef)
     g = int(hp.group_size)
-    rewards_BxG = rewards.reshape(-1, g)
+    rewards_BxG = rewards_B.reshape(-1, g)
     advantages = rl.group_advantages(rewards_BxG, hp.advantage, hp.scale_by_std).reshape(-1)
     k1 = rl.kl_per_token(old_logp, ref_logp, "k1")
     k3 = rl.kl_per_token(old_logp, ref_logp, "k3")
     group_std = jnp.std(scores_B.reshape(-1, g), axis=-1)
     stats = {
         "score": scores_B.mean(),
-        "reward_total": rewards.mean(),
+        "reward_total": rewards_B.mean(),
         "kl": rl.masked_sum(k1, mask, axis=-1).mean(),          # per response, as PPO's
         "kl_k3": rl.masked_sum(k3, mask, axis=-1).mean(),
         "entropy": rl.masked_mean(rl.entropy_from_logits(logits, hp.temperature), mask),
@@ -151,41 +149,6 @@ def grpo_update(state: GRPOState, rollout: Rollout, rng, *, model: Transformer, 
 
 
 # ---------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------
-
-def python_reward(spec: str, judge=None) -> Callable[[str, str, bool], float]:
-    """`reward_fn`: "world" is `judge` (the gold labeler the dispatcher hands
-    in, rlhf_jax.world.gold_score); "package.module:function" imports a
-    function `(prompt, response, finished) -> float` (response cut at EOS)."""
-    if spec == "world":
-        if judge is None:
-            raise ConfigError("reward_fn='world': this run was given no world judge")
-        return judge
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"reward_fn={spec!r}: expected 'world' or 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward_fn={spec!r}: cannot load it ({e})") from e
-    if not callable(fn):
-        raise ConfigError(f"reward_fn={spec!r} is not callable")
-    return fn
-
-
-def host_scores(reward, prompts, indices, tok, response_tokens, group_size: int) -> np.ndarray:
-    """float32 [rows]: `reward(prompt, response, finished)` of this process's
-    rollouts, `group_size` consecutive rows per prompt of `indices`."""
-    texts = [prompts[i]["prompt"] for i in indices for _ in range(group_size)]
-    out = []
-    for prompt, row in zip(texts, np.asarray(response_tokens)):
-        response, finished = tokenizers.decode_response(tok, row)
-        out.append(float(reward(prompt, response, finished)))
-    return np.asarray(out, np.float32)
-
-
-# ---------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------
 
@@ -195,11 +158,7 @@ def check_config(config):
                           "frozen reference)")
     if not checkpoint.has_checkpoint(config.init_from):
         raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
-    if bool(config.reward_from) == bool(config.reward_fn):
-        raise ConfigError(
-            f"grpo needs exactly one reward: --config.reward_from=<RM workdir> or "
-            f"--config.reward_fn=world (or package.module:function); got reward_from="
-            f"{config.reward_from!r}, reward_fn={config.reward_fn!r}")
+    rewards.check_one_reward("grpo", config.reward_from, config.reward_fn)
     if config.reward_from:
         ppo.check_reward_from(config.reward_from)
     hp = config.algo
@@ -247,13 +206,15 @@ def run(config, workdir: str, judge=None):
         ppo.check_tokenizers(config, tok, rm_tok)
         reward_model = Transformer(rm_cfg.replace(dropout=0.0))
     else:
-        reward = python_reward(config.reward_fn, judge)
+        reward = rewards.python_reward(config.reward_fn, judge)
 
     prompt_check = preprocess.length_check(tok, "prompts", max_prompt_len=p)
     prompts = data_setup.open_source(config, config.data.path, "prompts", prompt_check)
     prompt_loader = data_setup.loader(
         config, runtime, prompts, b,
         functools.partial(preprocess.prompt_example, tok, max_prompt_len=p))
+    if reward is not None:
+        reward = rewards.host_reward_fn(reward, runtime, prompt_loader, tok, repeats=g)
     n_updates = int(hp.epochs) * int(hp.minibatches)
     optimizer = train_state.make_optimizer(train_state.with_steps(t, int(t.steps) * n_updates))
 
@@ -291,11 +252,10 @@ def run(config, workdir: str, judge=None):
                             in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
                             donate_argnums=0)
         base_rng = jax.random.PRNGKey(config.seed + 23)
-        gold = ppo.gold_scorer(config, prompt_loader, tok, judge, repeats=g)
+        gold = rewards.gold_scorer(config, prompt_loader, tok, judge, repeats=g)
         # With reward_fn=world the reward is the gold score itself.
-        reward_is_gold = gold is not None and config.reward_fn == "world"
-        keep_tokens = gold is not None and not reward_is_gold
-        base_host_metrics = ppo.host_metrics_fn(b * g, gold)
+        score_is_gold = gold is not None and config.reward_fn == "world"
+        keep_tokens = gold is not None and not score_is_gold
 
         def step_fn(state: GRPOState, it: int):
             rng = jax.random.fold_in(base_rng, it)
@@ -305,11 +265,7 @@ def run(config, workdir: str, judge=None):
             if reward is None:
                 scores = rm_score_fn(batch["tokens"], batch["mask"], out)
             else:
-                # This process's rows of the global batch (process-major).
-                local = np.split(distributed.gather(out.tokens), jax.process_count())[
-                    jax.process_index()]
-                scores = runtime.global_batch({"scores": host_scores(
-                    reward, prompts, prompt_loader.record_indices(it), tok, local, g)})["scores"]
+                scores = reward(it, out.tokens)
             rollout, stats = score_fn(state.policy.params, ref_params, jnp.repeat(
                 batch["tokens"], g, axis=0), jnp.repeat(batch["mask"], g, axis=0), out.tokens,
                 out.mask, scores)
@@ -320,16 +276,11 @@ def run(config, workdir: str, judge=None):
                 metrics["response_tokens"] = out.tokens
             return state, metrics
 
-        def host_metrics(step: int, metrics: dict, seconds) -> dict:
-            row = base_host_metrics(step, metrics, seconds)
-            if reward_is_gold:
-                row["gold_score"] = float(metrics["score"])
-            return row
-
         meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
                     reward_from=config.reward_from, reward_fn=config.reward_fn)
         return loop.run(loop.Loop(
             stage="grpo", train=t, workdir=workdir, state=state, state_shardings=state_sh,
-            step_fn=step_fn, meta=meta, host_metrics=host_metrics,
+            step_fn=step_fn, meta=meta,
+            host_metrics=ppo.host_metrics_fn(b * g, gold, score_is_gold),
             progress_keys=("score", "kl", "gold_score"), step_name="iteration",
             split=GRPOState.split, join=_join))

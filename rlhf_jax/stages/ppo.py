@@ -43,16 +43,16 @@ loop (`train.steps` iterations of `train.batch_size` prompts).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, inference, loop, losses, rl, sampling, sharding, train_state
+from rlhf_jax import (checkpoint, inference, loop, losses, rewards, rl, sampling, sharding,
+                      train_state)
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
@@ -84,16 +84,22 @@ class Rollout(NamedTuple):
 
 @flax.struct.dataclass
 class Models:
-    """The four networks (static: hashed into the jitted functions)."""
+    """The networks (static: hashed into the jitted functions); the reference
+    is the policy's network with the SFT params. `reward` is None with a
+    Python reward (`reward_fn`)."""
     policy: Transformer = flax.struct.field(pytree_node=False)
     value: Transformer = flax.struct.field(pytree_node=False)
-    reward: Transformer = flax.struct.field(pytree_node=False)
+    reward: Optional[Transformer] = flax.struct.field(pytree_node=False, default=None)
 
 
 def score_rollout(policy_params, ref_params, value_params, reward_params, prompt_BxP,
-                  prompt_mask_BxP, response_BxN, mask_BxN, finished_B, kl_coef, *,
-                  models: Models, hp) -> tuple[Rollout, dict]:
-    """Step 2 of the iteration: log-probs, values, rewards, GAE (see module doc)."""
+                  prompt_mask_BxP, response_BxN, mask_BxN, finished_B, kl_coef, scores_B=None,
+                  *, models: Models, hp) -> tuple[Rollout, dict]:
+    """Step 2 of the iteration: log-probs, values, rewards, GAE (see module doc).
+
+    `scores_B`: each response's score from a Python reward (`reward_fn`),
+    which judges an unfinished response itself; None: the RM's score
+    (`reward_params`), `missing_eos_penalty` off an unfinished one."""
     p, n = prompt_BxP.shape[1], response_BxN.shape[1]
     tokens, attn = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN,
                                                    mask_BxN)
@@ -106,10 +112,13 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     old_logp, logits = logp_of(policy_params)
     ref_logp, _ = logp_of(ref_params)
     values = inference.response_outputs(models.value, value_params, tokens, attn, p, n)
-    last, _ = rl.last_token_index(mask)
-    rm_score = inference.reward_scores(models.reward, reward_params, tokens, attn, p + last, finished_B,
-                             hp.eos_id)
-    score = jnp.where(finished_B, rm_score, rm_score - hp.missing_eos_penalty)
+    if scores_B is None:
+        last, _ = rl.last_token_index(mask)
+        rm_score = inference.reward_scores(models.reward, reward_params, tokens, attn, p + last,
+                                           finished_B, hp.eos_id)
+        score = jnp.where(finished_B, rm_score, rm_score - hp.missing_eos_penalty)
+    else:
+        rm_score = score = scores_B
 
     rewards, kl = rl.per_token_rewards(score, old_logp, ref_logp, mask, kl_coef)
     values = values * mask
@@ -221,17 +230,21 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
 # ---------------------------------------------------------------------------
 
 def check_config(config):
-    missing = [k for k in ("init_from", "reward_from") if not config.get(k)]
+    missing = [k for k in ("init_from", "reward_from") if not config.get(k)
+               and not (k == "reward_from" and config.reward_fn)]
     if missing:
         raise ConfigError(
             "ppo needs " + " and ".join(
                 {"init_from": "--config.init_from=<SFT workdir> (the policy and the frozen reference)",
                  "reward_from": "--config.reward_from=<RM workdir> (the reward model; the value "
-                                "model starts from it)"}[k] for k in missing)
+                                "model starts from it) or --config.reward_fn=world"}[k]
+                for k in missing)
             + "; configs/instructgpt.py builds both (SFT, collect, RM) before PPO")
     if not checkpoint.has_checkpoint(config.init_from):
         raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
-    check_reward_from(config.reward_from)
+    rewards.check_one_reward("ppo", config.reward_from, config.reward_fn)
+    if config.reward_from:
+        check_reward_from(config.reward_from)
     hp = config.algo
     b = int(config.train.batch_size)
     if b % int(hp.minibatches):
@@ -312,10 +325,13 @@ def saved_params(state: PPOState, ema_decay: float):
 
 
 def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_params, score_fn,
-                 update_fn, prompt_loader, ptx_loader, keep_tokens: bool = False):
+                 update_fn, prompt_loader, ptx_loader, keep_tokens: bool = False,
+                 host_reward=None):
     """`step_fn(state, it)` of the loop: one PPO iteration (module doc),
     dispatched without waiting for the device. `keep_tokens` adds the
-    sampled tokens to the metrics (for the gold score, read on the host)."""
+    sampled tokens to the metrics (for the gold score, read on the host).
+    `host_reward(it, tokens)`: the rollouts' scores from a Python reward (a
+    global array [B]); the iteration then waits for its own sampling."""
     base_rng = jax.random.PRNGKey(config.seed + 17)
     n = int(config.sampling.max_new_tokens)
 
@@ -325,9 +341,10 @@ def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_pa
         out = sampling.sample(models.policy, state.policy.params, batch["tokens"], batch["mask"],
                               jax.random.fold_in(rng, 0), max_new_tokens=n, eos_id=tok.eos_id,
                               pad_id=tok.pad_id, temperature=hp.temperature)
+        scores = None if host_reward is None else host_reward(it, out.tokens)
         rollout, stats = score_fn(state.policy.params, ref_params, state.value.params,
                                   reward_params, batch["tokens"], batch["mask"], out.tokens,
-                                  out.mask, out.finished, state.kl_coef)
+                                  out.mask, out.finished, state.kl_coef, scores)
         ptx = None
         if ptx_loader is not None:
             ptx = runtime.global_batch(ptx_loader.batch(it))
@@ -341,9 +358,10 @@ def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_pa
     return step_fn
 
 
-def host_metrics_fn(batch_size: int, gold=None):
+def host_metrics_fn(batch_size: int, gold=None, score_is_gold: bool = False):
     """The loop's `host_metrics`: seconds per iteration, sampled tokens per
-    second, and the gold score of the rollouts (`gold(it, tokens)`)."""
+    second, and the gold score of the rollouts (`gold(it, tokens)`, or the
+    score itself when the reward is the gold labeler: `score_is_gold`)."""
     def host_metrics(step: int, metrics: dict, seconds) -> dict:
         tokens = metrics.pop("response_tokens", None)
         row = {}
@@ -352,6 +370,8 @@ def host_metrics_fn(batch_size: int, gold=None):
                        tokens_per_s=float(metrics["response_length"]) * batch_size / seconds)
         if gold is not None and tokens is not None:
             row["gold_score"] = gold(step - 1, tokens)
+        if score_is_gold:
+            row["gold_score"] = float(metrics["score"])
         return row
     return host_metrics
 
@@ -380,15 +400,18 @@ def run(config, workdir: str, judge=None):
 
     policy_meta = checkpoint.read_meta(config.init_from)
     policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
-    value_cfg, rm_tok, _ = resolve.stage_model(config, "scalar",
-                                               checkpoint.read_meta(config.reward_from))
-    check_tokenizers(config, tok, rm_tok)
+    # The value model starts from the RM (the paper's choice), or with a
+    # Python reward from the SFT policy's backbone with a fresh scalar head.
+    value_from = config.reward_from or config.init_from
+    value_cfg, value_tok, _ = resolve.stage_model(config, "scalar",
+                                                  checkpoint.read_meta(value_from))
+    check_tokenizers(config, tok, value_tok)
     hp = hyperparams(config, tok.eos_id)
     resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
     policy_cfg = policy_cfg.replace(dropout=0.0)
     value_cfg = value_cfg.replace(dropout=0.0)
     models = Models(policy=Transformer(policy_cfg), value=Transformer(value_cfg),
-                    reward=Transformer(value_cfg))
+                    reward=Transformer(value_cfg) if config.reward_from else None)
 
     prompt_check = preprocess.length_check(tok, "prompts", max_prompt_len=p)
     prompts = data_setup.open_source(config, config.data.path, "prompts", prompt_check)
@@ -414,10 +437,15 @@ def run(config, workdir: str, judge=None):
         policy, _ = train_state.create_train_state(runtime, models.policy, policy_opt,
                                                    config.seed, init_from=config.init_from)
         value, _ = train_state.create_train_state(runtime, models.value, value_opt,
-                                                  config.seed + 1, init_from=config.reward_from)
+                                                  config.seed + 1, init_from=value_from)
         ref_params, _ = checkpoint.restore_model_params(config.init_from, runtime, models.policy)
-        reward_params, _ = checkpoint.restore_model_params(config.reward_from, runtime,
-                                                           models.reward)
+        reward_params, host_reward = None, None
+        if config.reward_from:
+            reward_params, _ = checkpoint.restore_model_params(config.reward_from, runtime,
+                                                               models.reward)
+        else:
+            host_reward = rewards.host_reward_fn(rewards.python_reward(config.reward_fn, judge),
+                                                  runtime, prompt_loader, tok)
         # The EMA starts from zeros and is read bias-corrected (rl.ema_debiased).
         ema = (jax.tree_util.tree_map(lambda x: x * 0, policy.params) if hp.ema_decay > 0
                else None)
@@ -432,31 +460,13 @@ def run(config, workdir: str, judge=None):
                             in_shardings=(state_sh, None, None, None, None),
                             out_shardings=(state_sh, None), donate_argnums=0)
         meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
-                    reward_from=config.reward_from)
-        gold = gold_scorer(config, prompt_loader, tok, judge)
+                    reward_from=config.reward_from, reward_fn=config.reward_fn)
+        gold = rewards.gold_scorer(config, prompt_loader, tok, judge)
+        score_is_gold = gold is not None and config.reward_fn == "world"
         step_fn = iteration_fn(config, runtime, models, hp, tok, ref_params, reward_params,
                                score_fn, update_fn, prompt_loader, ptx_loader,
-                               keep_tokens=gold is not None)
+                               keep_tokens=gold is not None and not score_is_gold,
+                               host_reward=host_reward)
         return loop.run(make_loop(config, workdir, state, state_sh, step_fn, meta, hp,
-                                  host_metrics_fn(b, gold)))
+                                  host_metrics_fn(b, gold, score_is_gold)))
 
-
-def gold_scorer(config, prompt_loader, tok, judge, repeats: int = 1):
-    """`gold(it, tokens)`: the mean gold score of iteration `it`'s rollouts,
-    when a judge is given and the prompts are its world's (single process:
-    the whole batch must be on this host). `repeats`: consecutive rollouts
-    per prompt (GRPO's groups)."""
-    if judge is None or not config.algo.gold_eval or jax.process_count() > 1:
-        return None
-    prompts = prompt_loader.source
-    try:
-        judge(prompts[0]["prompt"], "", True)
-    except ValueError:
-        return None
-
-    def gold(it: int, tokens) -> float:
-        texts = [prompts[i]["prompt"] for i in prompt_loader.record_indices(it)
-                 for _ in range(repeats)]
-        return float(np.mean([judge(pr, *tokenizers.decode_response(tok, r))
-                              for pr, r in zip(texts, np.asarray(tokens))]))
-    return gold

@@ -372,10 +372,11 @@ def rm_ours(s: C.Setup, precision: str, warm: int, reps: int) -> dict:
     opt = adamw(lr=1e-5, weight_decay=0.01, grad_clip=1.0)
     state = _train_state(s.scalar_params(), opt, 0)
     toks = rm_batch(s)
-    batch = {"tokens": jnp.asarray(toks), "attn_mask": jnp.ones(toks.shape, jnp.int32),
-             "last_index": jnp.full((C.RM_PAIRS, 2), C.RM_LEN - 1, jnp.int32),
-             "ranks": jnp.asarray(np.tile([[0, 1]], (C.RM_PAIRS, 1)).astype(np.int32)),
-             "valid": jnp.ones((C.RM_PAIRS, 2), bool)}
+    batch = rm.pack({"tokens": toks, "attn_mask": np.ones(toks.shape, np.int32),
+                     "last_index": np.full((C.RM_PAIRS, 2), C.RM_LEN - 1, np.int32),
+                     "ranks": np.tile([[0, 1]], (C.RM_PAIRS, 1)).astype(np.int32),
+                     "valid": np.ones((C.RM_PAIRS, 2), bool)})
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     step = jax.jit(functools.partial(rm.train_step, model=model, optimizer=opt),
                    donate_argnums=0)
     holder = [state]

@@ -230,10 +230,12 @@ def supervised_steps(config, runtime, cfg) -> list[Step]:
     state = abstract_train_state(runtime, model, optimizer)
     mesh = runtime.mesh
     if config.stage == "rm":
+        # rm.pack's layout at its largest (every slot a distinct response).
         k = int(config.data.k_max)
-        batch = {"tokens": _batch(mesh, jnp.int32, b, k, l),
-                 "attn_mask": _batch(mesh, jnp.int32, b, k, l),
-                 "last_index": _batch(mesh, jnp.int32, b, k),
+        batch = {"row_tokens": _batch(mesh, jnp.int32, b * k, l),
+                 "row_attn_mask": _batch(mesh, jnp.int32, b * k, l),
+                 "row_last_index": _batch(mesh, jnp.int32, b * k),
+                 "slot_row": _batch(mesh, jnp.int32, b, k),
                  "ranks": _batch(mesh, jnp.int32, b, k),
                  "valid": _batch(mesh, jnp.bool_, b, k)}
         fn, flops = rm.train_step, train_flops(cfg, b * k, l)

@@ -105,11 +105,12 @@ class Loop:
     saved_params: Optional[Callable] = None
 
 
-def supervised_step(runtime: sharding.Runtime, loader, train_step) -> Callable:
-    """`step_fn` of a supervised stage: batch `step` of `loader` through the
-    jitted `train_step(state, batch)`."""
+def supervised_step(runtime: sharding.Runtime, loader, train_step,
+                    prepare: Callable[[dict], dict] = lambda batch: batch) -> Callable:
+    """`step_fn` of a supervised stage: batch `step` of `loader`, laid out by
+    `prepare` on the host, through the jitted `train_step(state, batch)`."""
     def step_fn(state: TrainState, step: int):
-        return train_step(state, runtime.global_batch(loader.batch(step)))
+        return train_step(state, runtime.global_batch(prepare(loader.batch(step))))
     return step_fn
 
 

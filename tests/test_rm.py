@@ -153,6 +153,7 @@ def test_batch_loss_equals_numpy_loop_over_pairs():
     tok, model, params = ByteTokenizer(), Transformer(MICRO), random_params(MICRO)
     batch = pipeline.stack([preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in RECORDS])
     assert batch["tokens"].shape == (3, 4, MAX_LEN)
+    batch = rm.pack(batch)
 
     @jax.jit
     def loss_and_rewards(params, batch):
@@ -183,17 +184,43 @@ def test_batch_loss_equals_numpy_loop_over_pairs():
     assert float(stats["n_pairs"]) == 8
 
 
-def test_one_forward_pass_of_B_times_K_rows():
+def test_one_forward_pass_of_the_distinct_responses():
+    """K forward passes per prompt (not two per pair), in one call, and only
+    for distinct responses: a response repeated in a record (a peaked
+    policy's repeated sample) and padding slots take no row of the budget."""
     tok, params = ByteTokenizer(), random_params(MICRO)
-    batch = pipeline.stack([preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in RECORDS])
+    records = RECORDS + [{"prompt": "Say 'ab' 2 times.", "responses": ["ab ab", "ab", "ab ab"],
+                          "ranks": [0, 1, 0]}]
+    batch = pipeline.stack([preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in records])
+    b, k_max, distinct = 4, 4, 2 + 3 + 4 + 2
+    packed = rm.pack(batch, row_fraction=distinct / (b * k_max))
     counting = CountingModel(Transformer(MICRO))
     # Tracing the loss and its gradient calls the model exactly as training does.
-    jax.eval_shape(jax.value_and_grad(lambda p: rm.rm_loss_on_batch(p, counting, batch)[0]),
+    jax.eval_shape(jax.value_and_grad(lambda p: rm.rm_loss_on_batch(p, counting, packed)[0]),
                    params)
-    b, k_max = 3, 4
-    assert counting.calls == [(b * k_max, MAX_LEN)]  # K forward passes per prompt, in one call
-    n_pairs = sum(math.comb(len(r["responses"]), 2) for r in RECORDS)
-    assert n_pairs == 10 and b * k_max != 2 * n_pairs
+    assert counting.calls == [(distinct, MAX_LEN)]
+    n_pairs = sum(math.comb(len(r["responses"]), 2) for r in records)
+    assert n_pairs == 13 and distinct != 2 * n_pairs
+    # A budget the batch does not fit runs at the full size, B x K rows.
+    assert rm.pack(batch, row_fraction=0.5)["row_tokens"].shape == (b * k_max, MAX_LEN)
+    # The loss is the unpacked one: every slot reads its own row's reward.
+    model = Transformer(MICRO)
+    loss = jax.jit(lambda p, bt: rm.rm_loss_on_batch(p, model, bt)[0])
+    np.testing.assert_allclose(float(loss(params, packed)),
+                               float(loss(params, rm.pack(batch, row_fraction=1.0))), rtol=1e-6)
+
+
+def test_distinct_rows_layout():
+    tokens = np.array([[[1, 2, 0], [1, 3, 0], [1, 2, 0]], [[4, 5, 6], [4, 5, 6], [7, 7, 7]]])
+    batch = {"tokens": tokens, "attn_mask": (tokens > 0).astype(np.int32),
+             "last_index": np.array([[1, 1, 1], [2, 2, 2]]), "valid": np.array(
+                 [[True, True, True], [True, True, False]]), "ranks": np.zeros((2, 3), np.int32)}
+    out = preprocess.distinct_rows(batch, rows=4, row_offset=8)
+    np.testing.assert_array_equal(out["row_tokens"][:3], [[1, 2, 0], [1, 3, 0], [4, 5, 6]])
+    np.testing.assert_array_equal(out["row_attn_mask"][3], [0, 0, 0])     # a padding row
+    np.testing.assert_array_equal(out["row_last_index"], [1, 1, 2, 0])
+    np.testing.assert_array_equal(out["slot_row"], np.array([[0, 1, 0], [2, 2, 0]]) + 8)
+    assert "tokens" not in out and out["ranks"] is batch["ranks"]
 
 
 # ---------------------------------------------------------------------------

@@ -171,6 +171,61 @@ def comparison_example(tok, record: dict, k_max: int, max_len: int) -> dict[str,
     return out
 
 
+def distinct_rows(batch: dict, rows: int, row_offset: int = 0) -> dict[str, np.ndarray]:
+    """A batch of `comparison_example`s with each prompt's distinct responses
+    laid out once, as rows of one forward pass.
+
+    A peaked policy answers a prompt with the same string several times (five
+    SFT samples are often one answer); identical sequences get identical
+    scores, so a K-wise loss needs only a prompt's distinct responses computed
+    (about half the slots of the world's comparisons). Padding slots take no
+    row. The loss over slots is unchanged: every slot reads its row's score.
+
+    Args:
+      batch: tokens/attn_mask [B, K, L], last_index [B, K], valid [B, K] and
+        any other per-prompt arrays (passed through).
+      rows: the row budget R, used when the distinct responses fit in it
+        (one compiled shape); otherwise B * K rows (a second shape, only
+        when a batch does not fit).
+      row_offset: added to `slot_row` (a process's first row in a
+        multi-process global batch).
+
+    Returns:
+      the batch without tokens/attn_mask/last_index, plus
+      row_tokens, row_attn_mask [R, L]: the distinct sequences, then
+        padding rows (all-zero attention);
+      row_last_index [R]: each row's last real token (0 for padding rows);
+      slot_row [B, K] int32: the row each slot reads (padding slots: row 0
+        of this batch; masked by `valid`).
+    """
+    tokens_BxKxL, valid_BxK = batch["tokens"], batch["valid"]
+    b, k, l = tokens_BxKxL.shape
+    slot_row = np.zeros((b, k), np.int32)
+    picked: list[tuple[int, int]] = []
+    for i in range(b):
+        seen: dict[bytes, int] = {}
+        for j in range(k):
+            if not valid_BxK[i, j]:
+                continue
+            key = tokens_BxKxL[i, j].tobytes()
+            if key not in seen:
+                seen[key] = len(picked)
+                picked.append((i, j))
+            slot_row[i, j] = seen[key]
+    n_rows = rows if len(picked) <= rows else b * k
+    # Padding rows repeat slot (0, 0)'s ids with no attention: finite, unread.
+    src_b, src_k = np.asarray(picked + [(0, 0)] * (n_rows - len(picked))).T
+    row_tokens = tokens_BxKxL[src_b, src_k]
+    row_attn = np.where(np.arange(n_rows)[:, None] < len(picked),
+                        batch["attn_mask"][src_b, src_k], 0).astype(batch["attn_mask"].dtype)
+    row_last = np.where(np.arange(n_rows) < len(picked),
+                        batch["last_index"][src_b, src_k], 0).astype(batch["last_index"].dtype)
+    out = {key: v for key, v in batch.items() if key not in ("tokens", "attn_mask", "last_index")}
+    out.update(row_tokens=row_tokens, row_attn_mask=row_attn, row_last_index=row_last,
+               slot_row=slot_row + np.int32(row_offset))
+    return out
+
+
 def length_check(tok, kind: str, max_len: Optional[int] = None,
                  max_prompt_len: Optional[int] = None, k_max: Optional[int] = None):
     """A `check(record) -> Optional[str]` for `open_source` enforcing token limits.

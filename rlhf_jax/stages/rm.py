@@ -53,18 +53,33 @@ PAIR_COUNT_SAMPLE = 4096
 # ---------------------------------------------------------------------------
 
 def rewards_on_batch(params, model: Transformer, batch, dropout_rng=None):
-    """RM rewards of every response slot, [B, K], from ONE forward pass of B*K rows.
+    """RM rewards of every response slot, [B, K], from ONE forward pass over
+    the batch's distinct responses.
 
-    batch: tokens/attn_mask [B, K, L], last_index [B, K] (see
-    preprocess.comparison_example). Padding slots (all-zero attn_mask) get a
-    finite, meaningless reward that callers mask with `valid`.
+    batch: `pack(...)` of comparison examples (preprocess.distinct_rows):
+    row_tokens/row_attn_mask [R, L], row_last_index [R], slot_row [B, K].
+    Padding rows and slots get a finite, meaningless reward that callers
+    mask with `valid`.
     """
-    tokens_BxKxL = batch["tokens"]
-    b, k, l = tokens_BxKxL.shape
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    scores_NxL = model.apply({"params": params}, tokens_BxKxL.reshape(b * k, l),
-                             attn_mask=batch["attn_mask"].reshape(b * k, l), rngs=rngs)
-    return inference.score_at(scores_NxL, batch["last_index"].reshape(b * k)).reshape(b, k)
+    scores_RxL = model.apply({"params": params}, batch["row_tokens"],
+                             attn_mask=batch["row_attn_mask"], rngs=rngs)
+    rewards_R = inference.score_at(scores_RxL, batch["row_last_index"])
+    return rewards_R[batch["slot_row"]]
+
+
+def pack(batch: dict, row_fraction: float = 1.0, row_multiple: int = 1) -> dict:
+    """A process's batch of comparison examples with its distinct responses as
+    rows (preprocess.distinct_rows): a budget of `row_fraction` x B x K rows,
+    rounded up to `row_multiple` (the batch devices). Single process only:
+    with several, each process keeps B x K rows, so that every process's
+    batch has one shape whatever its data (their row indices offset by
+    process)."""
+    b, k = batch["valid"].shape
+    rows = b * k
+    if jax.process_count() == 1:
+        rows = min(rows, -(-math.ceil(row_fraction * b * k) // row_multiple) * row_multiple)
+    return preprocess.distinct_rows(batch, rows, row_offset=jax.process_index() * b * k)
 
 
 def rm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
@@ -133,7 +148,10 @@ def eval_step(params, batch, *, model: Transformer):
             "gold_correct": gold["accuracy"] * gold["n_pairs"], "gold_pairs": gold["n_pairs"]}
 
 
-def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches):
+def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches,
+                   packer=pack):
+    """`evaluate(params)` over at most `max_batches` batches of `eval_source`;
+    `packer(batch)` lays out a batch's distinct responses (`pack`)."""
     step = jax.jit(functools.partial(eval_step, model=model))
 
     def evaluate(params) -> dict:
@@ -143,7 +161,7 @@ def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batch
         for i, (batch, valid_B) in enumerate(batches):
             if i >= max_batches:
                 break
-            batch = dict(batch, valid=batch["valid"] & valid_B[:, None])
+            batch = packer(dict(batch, valid=batch["valid"] & valid_B[:, None]))
             for k, v in step(params, runtime.global_batch(batch)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         out = {"eval_loss": sums["loss_sum"] / max(sums["n_prompts"], 1.0),
@@ -291,6 +309,8 @@ def run(config, workdir: str, judge=None):
     run_config = _with_train_steps(config, steps)
     transform = functools.partial(preprocess.comparison_example, tok, k_max=k_max, max_len=max_len)
     loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
+    packer = functools.partial(pack, row_fraction=float(config.data.row_fraction),
+                               row_multiple=sharding.batch_devices(runtime.mesh))
 
     optimizer = train_state.make_optimizer(run_config.train)
     with runtime.activations():
@@ -300,14 +320,14 @@ def run(config, workdir: str, judge=None):
         eval_transform = functools.partial(eval_example, tok, k_max=k_max, max_len=max_len,
                                            judge=judge)
         evaluate = make_evaluator(runtime, eval_model, eval_src, eval_transform, batch_size,
-                                  int(config.train.eval_batches))
+                                  int(config.train.eval_batches), packer)
         if _has_records(config.data.eval_sft_path):
             # Held-out samples of the SFT policy alone: the distribution PPO
             # starts from, where the RM's ranking matters first.
             evaluate = _with_second_eval(evaluate, make_evaluator(
                 runtime, eval_model,
                 data_setup.open_source(config, config.data.eval_sft_path, "comparisons", check),
-                eval_transform, batch_size, int(config.train.eval_batches)), "_sft")
+                eval_transform, batch_size, int(config.train.eval_batches), packer), "_sft")
         # Demonstrations are scored in batches of as many rows as a training batch.
         normalize = make_bias_normalizer(
             runtime, eval_model, demos,
@@ -316,7 +336,7 @@ def run(config, workdir: str, judge=None):
                     init_from=config.init_from, k_max=k_max, train_steps=steps, **dropped)
         return loop.run(loop.Loop(
             stage="rm", train=run_config.train, workdir=workdir, state=state,
-            state_shardings=shardings, step_fn=loop.supervised_step(runtime, loader, step),
+            state_shardings=shardings, step_fn=loop.supervised_step(runtime, loader, step, packer),
             meta=meta, evaluate=evaluate,
             units_per_step=batch_size * mean_ranked_pairs(train_src), units_name="pairs_per_s",
             progress_keys=("loss", "accuracy"), finalize=normalize))

@@ -40,6 +40,12 @@ def get_config(arg: str = ""):
     c = base.get_base_config()
     c.stage = "rm"
     c.data.path = ""                 # comparisons: .jsonl or tfds:NAME/CONFIG
+    # Layers added on top of the init_from network (block expansion, LLaMA Pro:
+    # copies of its layers with their output projections zeroed, so the RM
+    # starts as the SFT network). They read the SFT's last-layer features at
+    # every position, its predictions of each next token included, which a
+    # verifier of the response can compare with the tokens written.
+    c.expand_layers = 0
     c.data.k_max = 9                 # responses per prompt at most (slots per batch element)
     # Rows of a batch's forward pass, as a fraction of batch_size x k_max: a
     # prompt's identical responses (a peaked policy's repeated samples) and

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import init_params
 from rlhf_jax.models.transformer import (ModelConfig, Transformer, decode, decoding_params,
-                                         init_cache, init_layer_caches, positions_from_mask)
+                                         expand_layers, init_cache, init_layer_caches, positions_from_mask)
 
 LLAMA = ModelConfig(arch="llama", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
                     intermediate=96, max_len=64)
@@ -230,3 +230,31 @@ def test_outputs_at_is_the_slice_of_the_full_call(head):
                                             method=Transformer.outputs_at))(params, toks)
     assert part.shape == full[:, 5:9].shape
     np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 5:9]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_block_expansion_starts_as_the_shallower_network(cfg):
+    """expand_layers: the deeper network's logits equal the original's, its
+    new layers are copies of the old ones but for zeroed output projections
+    (kernels and biases), and once those move the new layers do compute."""
+    model, params = _biased(cfg)
+    deep_cfg = cfg.replace(layers=cfg.layers + 3)
+    deep = expand_layers(params, 3)
+    assert jax.tree_util.tree_structure(deep) == jax.tree_util.tree_structure(params)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(deep["layers"])[0]:
+        old = params["layers"]
+        for k in path:
+            old = old[k.key]
+        assert leaf.shape == (deep_cfg.layers,) + old.shape[1:]
+        np.testing.assert_array_equal(leaf[:cfg.layers], old)
+        projection = any(k.key in ("o", "down") for k in path)
+        for i in range(3):
+            np.testing.assert_array_equal(leaf[cfg.layers + i],
+                                          0 * old[i % cfg.layers] if projection else old[i % cfg.layers])
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 9), 0, cfg.vocab_size)
+    shallow_logits = _apply(model, params, tokens)
+    np.testing.assert_allclose(_apply(Transformer(deep_cfg), deep, tokens), shallow_logits,
+                               atol=1e-5, rtol=1e-5)
+    moved = jax.tree_util.tree_map(lambda x: x + 0.05, deep)
+    assert not np.allclose(_apply(Transformer(deep_cfg), moved, tokens),
+                           _apply(model, jax.tree_util.tree_map(lambda x: x + 0.05, params), tokens))

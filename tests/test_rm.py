@@ -330,3 +330,19 @@ def test_config_derives_one_epoch_and_rejects_unknown_variant():
         load_config("rm", "huge")
     with pytest.raises(ConfigError):
         rm.check_config(_set(load_config("rm", "tiny"), **{"init_from": ""}))
+
+
+def test_expand_layers_grows_the_sft_network(sft_dir, tmp_path):
+    """expand_layers=2: the RM is the SFT network plus two layers that start
+    as identities (models.transformer.expand_layers): its checkpoint and
+    meta have two more layers, the first ones trained from the SFT's."""
+    path = write_jsonl(tmp_path / "comparisons.jsonl", world_comparisons(64, 0, "train"))
+    cfg = _rm_config(sft_dir, path, path, **{"expand_layers": 2, "train.steps": 2,
+                                             "train.eval_every": 2, "train.checkpoint_every": 2})
+    stages.run(cfg, str(tmp_path / "rm"))
+    sft_layers = checkpoint.read_meta(sft_dir["workdir"])["model"]["layers"]
+    assert checkpoint.read_meta(str(tmp_path / "rm"))["model"]["layers"] == sft_layers + 2
+    stack = checkpoint.load_saved_params(str(tmp_path / "rm"))["layers"]["mlp"]["down"]["kernel"]
+    assert stack.shape[0] == sft_layers + 2
+    with pytest.raises(ConfigError, match=">= 0"):
+        rm.check_config(_set(load_config("rm", "tiny"), **{"init_from": "x", "expand_layers": -1}))

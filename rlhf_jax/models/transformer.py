@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 Array = jax.Array
@@ -396,6 +397,37 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
             else jnp.float32
     shape = (cfg.layers, batch, cfg.kv_heads, length, cfg.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ---------------------------------------------------------------------------
+# Block expansion: a deeper network that starts as the shallower one
+# ---------------------------------------------------------------------------
+
+# The projections through which a layer writes to the residual stream.
+OUTPUT_PROJECTIONS = ("o", "down")
+
+
+def expand_layers(params, new_layers: int):
+    """Block expansion (LLaMA Pro, Wu et al. 2024): the params of an L-layer
+    network -> those of an (L + new_layers)-layer one that computes the same
+    function. The new layers follow the old ones; layer L + i is a copy of
+    layer i mod L with its output projections (attention `o`, MLP `down`,
+    kernels and biases) zeroed, so it adds nothing to the residual stream
+    until training moves them, and its other weights start as trained
+    features rather than noise. Works on the stacked [layers, ...] arrays
+    (numpy or jax); everything outside `layers` is kept."""
+    if new_layers <= 0:
+        return params
+    n = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    copy_of = np.arange(new_layers) % n
+
+    def grow(path, x):
+        added = x[copy_of]
+        if any(getattr(k, "key", None) in OUTPUT_PROJECTIONS for k in path):
+            added = added * 0
+        return jnp.concatenate([jnp.asarray(x), jnp.asarray(added)], axis=0)
+
+    return {**params, "layers": jax.tree_util.tree_map_with_path(grow, params["layers"])}
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import resolve
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.transformer import Transformer, expand_layers
 
 # Records read to estimate the ranked pairs per prompt (for rm/pairs_per_s).
 PAIR_COUNT_SAMPLE = 4096
@@ -246,6 +246,11 @@ def check_config(config):
     k_max = int(config.data.k_max)
     if not 2 <= k_max <= 9:
         raise ConfigError(f"data.k_max={k_max}: comparisons rank 2 to 9 responses")
+    if int(config.expand_layers) < 0:
+        raise ConfigError(f"expand_layers={config.expand_layers} must be >= 0")
+    if int(config.expand_layers) and not config.init_from:
+        raise ConfigError("expand_layers grows the init_from checkpoint's network: give "
+                          "--config.init_from=<SFT workdir>")
     if int(config.data.demos_records) < 1:
         raise ConfigError(f"data.demos_records={config.data.demos_records} must be >= 1 "
                                  f"(demonstrations scored for the bias normalisation)")
@@ -286,6 +291,12 @@ def run(config, workdir: str, judge=None):
     runtime = sharding.Runtime(config)
     meta_from = checkpoint.read_meta(config.init_from) if config.init_from else None
     cfg, tok, pretrained_params = resolve.stage_model(config, "scalar", meta_from)
+    if int(config.expand_layers):
+        # Block expansion: the SFT layers, then new ones that start as identities.
+        if pretrained_params is None:
+            pretrained_params = checkpoint.load_saved_params(config.init_from)
+        pretrained_params = expand_layers(pretrained_params, int(config.expand_layers))
+        cfg = cfg.replace(layers=cfg.layers + int(config.expand_layers))
     max_len, k_max = int(config.data.max_len), int(config.data.k_max)
     resolve.check_context(cfg, max_len, "data.max_len", rope_ok=True)
 

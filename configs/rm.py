@@ -47,12 +47,6 @@ def get_config(arg: str = ""):
     # verifier of the response can compare with the tokens written.
     c.expand_layers = 0
     c.data.k_max = 9                 # responses per prompt at most (slots per batch element)
-    # Rows of a batch's forward pass, as a fraction of batch_size x k_max: a
-    # prompt's identical responses (a peaked policy's repeated samples) and
-    # padding slots take none (rm.pack); the main job's comparisons have 4.4
-    # distinct responses of 9 on average. A batch with more distinct
-    # responses runs at the full size (a second compiled shape).
-    c.data.row_fraction = 0.6
     # Optional held-out comparisons of one policy's samples alone (collect's
     # comparisons_eval_sft.jsonl): logged with the suffix _sft
     # (rm/gold_accuracy_sft beside rm/gold_accuracy on data.eval_path).

@@ -232,9 +232,9 @@ def supervised_steps(config, runtime, cfg) -> list[Step]:
     if config.stage == "rm":
         # rm.pack's layout at its largest (every slot a distinct response).
         k = int(config.data.k_max)
-        batch = {"row_tokens": _batch(mesh, jnp.int32, b * k, l),
-                 "row_attn_mask": _batch(mesh, jnp.int32, b * k, l),
-                 "row_last_index": _batch(mesh, jnp.int32, b * k),
+        batch = {"row_tokens_0": _batch(mesh, jnp.int32, b * k, l),
+                 "row_attn_mask_0": _batch(mesh, jnp.int32, b * k, l),
+                 "row_last_index_0": _batch(mesh, jnp.int32, b * k),
                  "slot_row": _batch(mesh, jnp.int32, b, k),
                  "ranks": _batch(mesh, jnp.int32, b, k),
                  "valid": _batch(mesh, jnp.bool_, b, k)}

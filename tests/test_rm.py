@@ -153,7 +153,7 @@ def test_batch_loss_equals_numpy_loop_over_pairs():
     tok, model, params = ByteTokenizer(), Transformer(MICRO), random_params(MICRO)
     batch = pipeline.stack([preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in RECORDS])
     assert batch["tokens"].shape == (3, 4, MAX_LEN)
-    batch = rm.pack(batch)
+    batch = rm.pack(batch)   # one bucket: B x K rows at the full length
 
     @jax.jit
     def loss_and_rewards(params, batch):
@@ -184,48 +184,65 @@ def test_batch_loss_equals_numpy_loop_over_pairs():
     assert float(stats["n_pairs"]) == 8
 
 
-def test_one_forward_pass_of_the_distinct_responses():
-    """K forward passes per prompt (not two per pair), in one call, and only
-    for distinct responses: a response repeated in a record (a peaked
-    policy's repeated sample) and padding slots take no row of the budget."""
+def test_one_forward_pass_per_length_bucket_of_the_distinct_responses():
+    """K forward passes per prompt (not two per pair), one call per length
+    bucket, and only for distinct responses: a response repeated in a record
+    (a peaked policy's repeated sample) and padding slots take no row."""
     tok, params = ByteTokenizer(), random_params(MICRO)
     records = RECORDS + [{"prompt": "Say 'ab' 2 times.", "responses": ["ab ab", "ab", "ab ab"],
                           "ranks": [0, 1, 0]}]
     batch = pipeline.stack([preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in records])
     b, k_max, distinct = 4, 4, 2 + 3 + 4 + 2
-    packed = rm.pack(batch, row_fraction=distinct / (b * k_max))
+    # The 11 distinct sequences: 4 of at most 40 tokens, 5 of 41 to 48, 2 of 59.
+    packed = rm.pack(batch, [(40, 4), (48, 5), (MAX_LEN, 2)])
     counting = CountingModel(Transformer(MICRO))
     # Tracing the loss and its gradient calls the model exactly as training does.
     jax.eval_shape(jax.value_and_grad(lambda p: rm.rm_loss_on_batch(p, counting, packed)[0]),
                    params)
-    assert counting.calls == [(distinct, MAX_LEN)]
+    assert counting.calls == [(4, 40), (5, 48), (2, MAX_LEN)]
     n_pairs = sum(math.comb(len(r["responses"]), 2) for r in records)
     assert n_pairs == 13 and distinct != 2 * n_pairs
-    # A budget the batch does not fit runs at the full size, B x K rows.
-    assert rm.pack(batch, row_fraction=0.5)["row_tokens"].shape == (b * k_max, MAX_LEN)
+    # Buckets the batch does not fit: one of B x K rows at the full length.
+    assert rm.pack(batch, [(40, 4), (MAX_LEN, 4)])["row_tokens_0"].shape == (b * k_max, MAX_LEN)
     # The loss is the unpacked one: every slot reads its own row's reward.
     model = Transformer(MICRO)
     loss = jax.jit(lambda p, bt: rm.rm_loss_on_batch(p, model, bt)[0])
-    np.testing.assert_allclose(float(loss(params, packed)),
-                               float(loss(params, rm.pack(batch, row_fraction=1.0))), rtol=1e-6)
+    np.testing.assert_allclose(float(loss(params, packed)), float(loss(params, rm.pack(batch))),
+                               rtol=1e-6)
 
 
 def test_distinct_rows_layout():
-    tokens = np.array([[[1, 2, 0], [1, 3, 0], [1, 2, 0]], [[4, 5, 6], [4, 5, 6], [7, 7, 7]]])
+    tokens = np.array([[[1, 2, 0, 0], [1, 3, 5, 0], [1, 2, 0, 0]],
+                       [[4, 5, 6, 7], [4, 5, 6, 7], [7, 7, 0, 0]]])
     batch = {"tokens": tokens, "attn_mask": (tokens > 0).astype(np.int32),
-             "last_index": np.array([[1, 1, 1], [2, 2, 2]]), "valid": np.array(
+             "last_index": np.array([[1, 2, 1], [3, 3, 1]]), "valid": np.array(
                  [[True, True, True], [True, True, False]]), "ranks": np.zeros((2, 3), np.int32)}
-    out = preprocess.distinct_rows(batch, rows=4, row_offset=8)
-    np.testing.assert_array_equal(out["row_tokens"][:3], [[1, 2, 0], [1, 3, 0], [4, 5, 6]])
-    np.testing.assert_array_equal(out["row_attn_mask"][3], [0, 0, 0])     # a padding row
-    np.testing.assert_array_equal(out["row_last_index"], [1, 1, 2, 0])
-    np.testing.assert_array_equal(out["slot_row"], np.array([[0, 1, 0], [2, 2, 0]]) + 8)
+    out = preprocess.distinct_rows(batch, [(2, 2), (4, 2)], row_offset=8)
+    # [1, 2] fits in 2 tokens; [1, 3, 5] and [4, 5, 6, 7] need 4; [7, 7] is padding.
+    np.testing.assert_array_equal(out["row_tokens_0"][:1], [[1, 2]])
+    np.testing.assert_array_equal(out["row_attn_mask_0"][1], [0, 0])     # a padding row
+    np.testing.assert_array_equal(out["row_tokens_1"], [[1, 3, 5, 0], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(out["row_last_index_1"], [2, 3])
+    np.testing.assert_array_equal(out["slot_row"], np.array([[0, 2, 0], [3, 3, 0]]) + 8)
     assert "tokens" not in out and out["ranks"] is batch["ranks"]
+    # A full short bucket spills into the longer one.
+    spill = preprocess.distinct_rows(batch, [(2, 0), (4, 3)])
+    np.testing.assert_array_equal(spill["slot_row"], [[0, 1, 0], [2, 2, 0]])
 
 
-# ---------------------------------------------------------------------------
-# The stage end to end
-# ---------------------------------------------------------------------------
+def test_row_buckets_cover_the_batches_of_the_data():
+    tok = ByteTokenizer()
+    records = [r if "responses" in r else {"prompt": r["prompt"], "ranks": [0, 1],
+                                           "responses": [r["chosen"], r["rejected"]]}
+               for r in world_comparisons(256, 0, "train")]      # as the reader normalises them
+    buckets = rm.row_buckets(tok, records, 16, MAX_LEN, row_multiple=8)
+    assert [length for length, _ in buckets] == [48, 72, MAX_LEN]
+    assert all(rows % 8 == 0 for _, rows in buckets)
+    examples = [preprocess.comparison_example(tok, r, 4, MAX_LEN) for r in records]
+    fits = [rm.pack(pipeline.stack(examples[i:i + 16]), buckets)["row_tokens_0"].shape[1] == 48
+            for i in range(0, 256, 16)]
+    assert all(fits)     # no batch fell back to the full size
+
 
 def test_end_to_end_learns_the_gold_ordering(rm_run):
     rows = read_metrics(rm_run["workdir"], "rm")

@@ -20,7 +20,7 @@ Conventions shared by every transform here:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -171,59 +171,95 @@ def comparison_example(tok, record: dict, k_max: int, max_len: int) -> dict[str,
     return out
 
 
-def distinct_rows(batch: dict, rows: int, row_offset: int = 0) -> dict[str, np.ndarray]:
+def distinct_rows(batch: dict, buckets: Sequence[tuple[int, int]], row_offset: int = 0
+                  ) -> dict[str, np.ndarray]:
     """A batch of `comparison_example`s with each prompt's distinct responses
-    laid out once, as rows of one forward pass.
+    laid out once, as rows of forward passes grouped by length.
 
     A peaked policy answers a prompt with the same string several times (five
     SFT samples are often one answer); identical sequences get identical
     scores, so a K-wise loss needs only a prompt's distinct responses computed
     (about half the slots of the world's comparisons). Padding slots take no
-    row. The loss over slots is unchanged: every slot reads its row's score.
+    row. Rows are grouped into length buckets, each a forward pass over
+    sequences cut to its length: attention's cost grows with the square of
+    the length, and most world sequences are half the context. The loss over
+    slots is unchanged: every slot reads its row's score.
 
     Args:
       batch: tokens/attn_mask [B, K, L], last_index [B, K], valid [B, K] and
         any other per-prompt arrays (passed through).
-      rows: the row budget R, used when the distinct responses fit in it
-        (one compiled shape); otherwise B * K rows (a second shape, only
-        when a batch does not fit).
+      buckets: ((length, rows), ...) by increasing length, the last length L:
+        a response goes to the shortest bucket that holds it and has room,
+        else to a longer one. When the distinct responses do not fit at all,
+        one bucket (L, B * K) holds them (a second compiled shape).
       row_offset: added to `slot_row` (a process's first row in a
         multi-process global batch).
 
     Returns:
-      the batch without tokens/attn_mask/last_index, plus
-      row_tokens, row_attn_mask [R, L]: the distinct sequences, then
+      the batch without tokens/attn_mask/last_index, plus per bucket g
+      row_tokens_g, row_attn_mask_g [rows_g, length_g]: its sequences, then
         padding rows (all-zero attention);
-      row_last_index [R]: each row's last real token (0 for padding rows);
-      slot_row [B, K] int32: the row each slot reads (padding slots: row 0
-        of this batch; masked by `valid`).
+      row_last_index_g [rows_g]: each row's last real token (0 for padding);
+      and slot_row [B, K] int32: the row each slot reads, counting through the
+        buckets in order (padding slots: row 0; masked by `valid`).
     """
     tokens_BxKxL, valid_BxK = batch["tokens"], batch["valid"]
     b, k, l = tokens_BxKxL.shape
-    slot_row = np.zeros((b, k), np.int32)
-    picked: list[tuple[int, int]] = []
+    if buckets[-1][0] != l:
+        raise ValueError(f"the last bucket's length {buckets[-1][0]} must be the batch's {l}")
+    first: dict[tuple[int, bytes], tuple[int, int]] = {}    # (prompt, sequence) -> its slot
     for i in range(b):
-        seen: dict[bytes, int] = {}
         for j in range(k):
-            if not valid_BxK[i, j]:
-                continue
-            key = tokens_BxKxL[i, j].tobytes()
-            if key not in seen:
-                seen[key] = len(picked)
-                picked.append((i, j))
-            slot_row[i, j] = seen[key]
-    n_rows = rows if len(picked) <= rows else b * k
-    # Padding rows repeat slot (0, 0)'s ids with no attention: finite, unread.
-    src_b, src_k = np.asarray(picked + [(0, 0)] * (n_rows - len(picked))).T
-    row_tokens = tokens_BxKxL[src_b, src_k]
-    row_attn = np.where(np.arange(n_rows)[:, None] < len(picked),
-                        batch["attn_mask"][src_b, src_k], 0).astype(batch["attn_mask"].dtype)
-    row_last = np.where(np.arange(n_rows) < len(picked),
-                        batch["last_index"][src_b, src_k], 0).astype(batch["last_index"].dtype)
+            if valid_BxK[i, j]:
+                first.setdefault((i, tokens_BxKxL[i, j].tobytes()), (i, j))
+    distinct = list(first.values())
+    lengths = [int(batch["last_index"][i, j]) + 1 for i, j in distinct]
+    placed = _place(lengths, buckets)
+    if placed is None:
+        buckets = [(l, b * k)]
+        placed = _place(lengths, buckets)
     out = {key: v for key, v in batch.items() if key not in ("tokens", "attn_mask", "last_index")}
-    out.update(row_tokens=row_tokens, row_attn_mask=row_attn, row_last_index=row_last,
-               slot_row=slot_row + np.int32(row_offset))
+    row_of: dict[tuple[int, int], int] = {}
+    start = 0
+    for g, ((length, rows), members) in enumerate(zip(buckets, placed)):
+        src = [distinct[m] for m in members]
+        for r, slot in enumerate(src):
+            row_of[slot] = start + r
+        # Padding rows repeat slot (0, 0)'s ids with no attention: finite, unread.
+        src_b, src_k = np.asarray(src + [(0, 0)] * (rows - len(src)), np.int64).reshape(-1, 2).T
+        real = np.arange(rows) < len(src)
+        out[f"row_tokens_{g}"] = tokens_BxKxL[src_b, src_k, :length]
+        out[f"row_attn_mask_{g}"] = np.where(real[:, None], batch["attn_mask"][src_b, src_k, :length],
+                                             0).astype(batch["attn_mask"].dtype)
+        out[f"row_last_index_{g}"] = np.where(real, batch["last_index"][src_b, src_k],
+                                              0).astype(batch["last_index"].dtype)
+        start += rows
+    slot_row = np.zeros((b, k), np.int32)
+    for i in range(b):
+        for j in range(k):
+            if valid_BxK[i, j]:
+                slot_row[i, j] = row_of[first[(i, tokens_BxKxL[i, j].tobytes())]]
+    out["slot_row"] = slot_row + np.int32(row_offset)
     return out
+
+
+def _place(lengths: Sequence[int], buckets) -> Optional[list[list[int]]]:
+    """Indices of `lengths` per bucket, each in the shortest bucket that holds
+    it and has room (longest first, so short ones fill what is left); None
+    when they do not all fit."""
+    room = [rows for _, rows in buckets]
+    placed: list[list[int]] = [[] for _ in buckets]
+    for m in sorted(range(len(lengths)), key=lambda m: -lengths[m]):
+        for g, (length, _) in enumerate(buckets):
+            if lengths[m] <= length and room[g]:
+                placed[g].append(m)
+                room[g] -= 1
+                break
+        else:
+            return None
+    for members in placed:
+        members.sort()
+    return placed
 
 
 def length_check(tok, kind: str, max_len: Optional[int] = None,

@@ -43,8 +43,10 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer, expand_layers
+from rlhf_jax.tokenizer import encode_prompt, encode_response
 
-# Records read to estimate the ranked pairs per prompt (for rm/pairs_per_s).
+# Records read to estimate the ranked pairs per prompt (for rm/pairs_per_s)
+# and the rows per length bucket (`row_buckets`).
 PAIR_COUNT_SAMPLE = 4096
 
 
@@ -53,33 +55,57 @@ PAIR_COUNT_SAMPLE = 4096
 # ---------------------------------------------------------------------------
 
 def rewards_on_batch(params, model: Transformer, batch, dropout_rng=None):
-    """RM rewards of every response slot, [B, K], from ONE forward pass over
-    the batch's distinct responses.
+    """RM rewards of every response slot, [B, K], from one forward pass per
+    length bucket over the batch's distinct responses.
 
     batch: `pack(...)` of comparison examples (preprocess.distinct_rows):
-    row_tokens/row_attn_mask [R, L], row_last_index [R], slot_row [B, K].
-    Padding rows and slots get a finite, meaningless reward that callers
-    mask with `valid`.
+    per bucket g row_tokens_g/row_attn_mask_g [R_g, L_g], row_last_index_g
+    [R_g]; slot_row [B, K] into the buckets' rows in order. Padding rows and
+    slots get a finite, meaningless reward that callers mask with `valid`.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    scores_RxL = model.apply({"params": params}, batch["row_tokens"],
-                             attn_mask=batch["row_attn_mask"], rngs=rngs)
-    rewards_R = inference.score_at(scores_RxL, batch["row_last_index"])
-    return rewards_R[batch["slot_row"]]
+    rewards = []
+    for g in range(n_buckets(batch)):
+        scores_RxL = model.apply({"params": params}, batch[f"row_tokens_{g}"],
+                                 attn_mask=batch[f"row_attn_mask_{g}"], rngs=rngs)
+        rewards.append(inference.score_at(scores_RxL, batch[f"row_last_index_{g}"]))
+    return jnp.concatenate(rewards)[batch["slot_row"]]
 
 
-def pack(batch: dict, row_fraction: float = 1.0, row_multiple: int = 1) -> dict:
-    """A process's batch of comparison examples with its distinct responses as
-    rows (preprocess.distinct_rows): a budget of `row_fraction` x B x K rows,
-    rounded up to `row_multiple` (the batch devices). Single process only:
-    with several, each process keeps B x K rows, so that every process's
-    batch has one shape whatever its data (their row indices offset by
-    process)."""
-    b, k = batch["valid"].shape
-    rows = b * k
-    if jax.process_count() == 1:
-        rows = min(rows, -(-math.ceil(row_fraction * b * k) // row_multiple) * row_multiple)
-    return preprocess.distinct_rows(batch, rows, row_offset=jax.process_index() * b * k)
+def n_buckets(batch: dict) -> int:
+    return sum(key.startswith("row_tokens_") for key in batch)
+
+
+def pack(batch: dict, buckets=None) -> dict:
+    """A process's batch of comparison examples with its distinct responses
+    as rows in length buckets (preprocess.distinct_rows; `row_buckets` sizes
+    them). Without buckets, or with several processes, one bucket of B x K
+    rows at the full length: every process's batch then has one shape
+    whatever its data (the row indices offset by process)."""
+    b, k, l = batch["tokens"].shape
+    if buckets is None or jax.process_count() > 1:
+        buckets = [(l, b * k)]
+    return preprocess.distinct_rows(batch, buckets, row_offset=jax.process_index() * b * k)
+
+
+def row_buckets(tok, records, batch_size: int, max_len: int, row_multiple: int = 1,
+                sigmas: float = 4.0) -> list[tuple[int, int]]:
+    """Length buckets (half, three quarters and all of max_len) and their row
+    budgets for batches of `batch_size` of these comparison records: the
+    distinct responses per batch that fall in each, mean + `sigmas` standard
+    deviations (records drawn at random), rounded up to `row_multiple` (the
+    batch devices). A batch that overflows a bucket spills into longer ones."""
+    lengths = sorted({-(-max_len * f // 32) * 8 for f in (2, 3)} & set(range(1, max_len))) + [max_len]
+    counts = np.zeros((len(records), len(lengths)))
+    for r, record in enumerate(records):
+        p = len(encode_prompt(tok, record["prompt"]))
+        for response in set(record["responses"]):
+            n = p + len(encode_response(tok, response))
+            counts[r, next(g for g, x in enumerate(lengths) if n <= x or x == max_len)] += 1
+    mean, std = counts.mean(0), counts.std(0)
+    rows = np.ceil(batch_size * mean + sigmas * np.sqrt(batch_size) * std)
+    rows = np.maximum(row_multiple, np.ceil(rows / row_multiple) * row_multiple).astype(int)
+    return [(int(x), int(n)) for x, n in zip(lengths, rows)]
 
 
 def rm_loss_on_batch(params, model: Transformer, batch, dropout_rng=None):
@@ -320,8 +346,9 @@ def run(config, workdir: str, judge=None):
     run_config = _with_train_steps(config, steps)
     transform = functools.partial(preprocess.comparison_example, tok, k_max=k_max, max_len=max_len)
     loader = data_setup.loader(config, runtime, train_src, batch_size, transform)
-    packer = functools.partial(pack, row_fraction=float(config.data.row_fraction),
-                               row_multiple=sharding.batch_devices(runtime.mesh))
+    buckets = row_buckets(tok, train_src.records(range(min(PAIR_COUNT_SAMPLE, len(train_src)))),
+                          batch_size, max_len, sharding.batch_devices(runtime.mesh))
+    packer = functools.partial(pack, buckets=buckets)
 
     optimizer = train_state.make_optimizer(run_config.train)
     with runtime.activations():

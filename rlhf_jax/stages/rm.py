@@ -89,12 +89,16 @@ def pack(batch: dict, buckets=None) -> dict:
 
 
 def row_buckets(tok, records, batch_size: int, max_len: int, row_multiple: int = 1,
-                sigmas: float = 4.0) -> list[tuple[int, int]]:
+                sigmas: float = 3.0) -> list[tuple[int, int]]:
     """Length buckets (half, three quarters and all of max_len) and their row
-    budgets for batches of `batch_size` of these comparison records: the
-    distinct responses per batch that fall in each, mean + `sigmas` standard
-    deviations (records drawn at random), rounded up to `row_multiple` (the
-    batch devices). A batch that overflows a bucket spills into longer ones."""
+    budgets for batches of `batch_size` of these comparison records.
+
+    A batch's longer responses may spill into longer buckets, so what must
+    fit is, for every bucket, the batch's distinct responses too long for
+    the buckets before it: the rows of buckets g and after are that count's
+    mean + `sigmas` standard deviations over batches of records drawn at
+    random (at 3, a batch falls back to the full size about once in a
+    thousand). Budgets are rounded up to `row_multiple` (the batch devices)."""
     lengths = sorted({-(-max_len * f // 32) * 8 for f in (2, 3)} & set(range(1, max_len))) + [max_len]
     counts = np.zeros((len(records), len(lengths)))
     for r, record in enumerate(records):
@@ -102,8 +106,10 @@ def row_buckets(tok, records, batch_size: int, max_len: int, row_multiple: int =
         for response in set(record["responses"]):
             n = p + len(encode_response(tok, response))
             counts[r, next(g for g, x in enumerate(lengths) if n <= x or x == max_len)] += 1
-    mean, std = counts.mean(0), counts.std(0)
-    rows = np.ceil(batch_size * mean + sigmas * np.sqrt(batch_size) * std)
+    from_g = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]           # rows in buckets g..G
+    need = np.ceil(batch_size * from_g.mean(0) + sigmas * np.sqrt(batch_size) * from_g.std(0))
+    need = np.maximum.accumulate(need[::-1])[::-1]                 # never less than a later one
+    rows = need - np.append(need[1:], 0)
     rows = np.maximum(row_multiple, np.ceil(rows / row_multiple) * row_multiple).astype(int)
     return [(int(x), int(n)) for x, n in zip(lengths, rows)]
 

@@ -381,7 +381,7 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
                         types.SimpleNamespace(tokens=tokens, mask=mask,
                                               finished=np.ones(len(tokens), bool)))
 
-    def score(pol, ref, val, rew, tokens, mask, resp, rmask, finished, kl_coef):
+    def score(pol, ref, val, rew, tokens, mask, resp, rmask, finished, kl_coef, scores):
         return ({"x": jnp.asarray(tokens, jnp.float32)},
                 {"kl": jnp.float32(0.0), "response_length": jnp.float32(3.0)})
 

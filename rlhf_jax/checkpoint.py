@@ -22,6 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rlhf_jax import sharding
 from rlhf_jax.errors import ConfigError
@@ -118,8 +119,11 @@ def load_saved_params(path: str):
     """Params only, in the shapes and dtypes they were saved with, on the
     default device: for inspection, export and tests."""
     directory, step = resolve(path)
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    # The handler's metadata, not StandardCheckpointer's: that one looks for a
+    # step's _CHECKPOINT_METADATA inside the item and warns on the console.
+    meta = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(os.path.join(directory, str(step), "params")))
+    tree = meta.tree if hasattr(meta, "tree") else meta
     like = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
     return load_params(path, like)
 

@@ -59,7 +59,7 @@ def get_config(arg: str = ""):
                                 checkpoint_every=8))
         # The RM: the SFT's own 2 layers for 1 epoch (0.81 gold accuracy, seed
         # 0), not the main job's 6 layers for 3 epochs (0.88, about 390 s
-        # instead of 70 on 2 cores): the four methods share it, and the
+        # instead of 50 on 2 cores): the four methods share it, and the
         # job fits 20 minutes. Evaluated once, at its end.
         c.rm.expand_layers = 0
         c.rm.train.update(dict(epochs=1.0, eval_every=1000))

@@ -11,7 +11,7 @@ workdir.
 
 The paper's data counts (13k demonstrations, 33k comparison prompts with
 K = 4..9, 31k PPO prompts) take over an hour on a 2-core CPU; the defaults
-here are scaled down (the report says so) and take about 13 minutes on a
+here are scaled down (the report says so) and take about 14 minutes on a
 2-core machine (BENCHMARKS.md, with what they reach).
 Each stage block is that stage's own config (configs/<stage>.py), so any key
 can be overridden: `--config.ppo.train.steps=100`.

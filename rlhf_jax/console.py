@@ -31,6 +31,11 @@ def verbose() -> bool:
     return _verbose
 
 
+def expected(message: str) -> bool:
+    """Whether a library warning is one the console drops (`_EXPECTED`)."""
+    return any(s in message for s in _EXPECTED)
+
+
 class _OnceFilter(logging.Filter):
     """Lets each warning template through once; drops `_EXPECTED` ones."""
 
@@ -41,7 +46,7 @@ class _OnceFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if _verbose or record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
             return True
-        if any(s in record.getMessage() for s in _EXPECTED):
+        if expected(record.getMessage()):
             return False
         template = record.msg if isinstance(record.msg, str) else repr(record.msg)
         key = (record.name, record.levelno, template)

@@ -14,6 +14,10 @@ import os
 from typing import Optional, Sequence
 
 DEFAULT_PROMPT_FORMAT = "User: {prompt}\nAssistant: "
+# Separates the documents of one `{"text"}` record (e.g. the conversations of
+# a page); each document is followed by EOS when tokenized. The ASCII record
+# separator, as JSON text sequences (RFC 7464) use it.
+DOCUMENT_SEPARATOR = "\x1e"
 CHATML_PROMPT_FORMAT = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -15,6 +15,7 @@ from rlhf_jax.world import gold as G
 from rlhf_jax.world import labelers as L
 from rlhf_jax.world import tasks as T
 from rlhf_jax.world.gold import gold_score
+from rlhf_jax.tokenizer import DOCUMENT_SEPARATOR
 
 R = T.REFUSAL
 
@@ -298,34 +299,112 @@ def _split_conversation(text):
     return prompt, response
 
 
+def _page(record):
+    return [_split_conversation(t) for t in record["text"].split(DOCUMENT_SEPARATOR)]
+
+
 def test_corpus_mixture_matches_world_md():
-    n = 9000
+    n = 4000                                                   # pages, ~10k conversations
     counts = collections.Counter()
     categories = collections.Counter()
+    sizes = collections.Counter()
     for record in D.pretraining_corpus(n, seed=3):
-        prompt, response = _split_conversation(record["text"])
-        assert G.category_of(prompt) == record["category"]
-        categories[record["category"]] += 1
-        counts[(record["category"] == "harmful", gold_score(prompt, response))] += 1
+        page = _page(record)
+        sizes[len(page)] += 1
+        assert G.category_of(page[0][0]) == record["category"]
+        for prompt, response in page:
+            category = G.category_of(prompt)
+            categories[category] += 1
+            counts[(category == "harmful", gold_score(prompt, response))] += 1
+    assert set(sizes) == {1, 2, 3, 4}
     expected = {(False, 1.0): 0.4, (False, 0.3): 0.2, (False, 0.0): 0.3, (False, -0.5): 0.1,
                 (True, -1.0): 0.8, (True, 1.0): 0.2}
     assert set(counts) == set(expected)
     totals = {h: sum(c for (hh, _), c in counts.items() if hh == h) for h in (False, True)}
+    # The kinds are drawn per page (2.5 conversations on average), so the
+    # benign counts vary more than independent draws would: 6 sigma of those.
     for key, p in expected.items():
         m = totals[key[0]]
-        tolerance = 4 * math.sqrt(p * (1 - p) / m)           # 4 sigma of sampling error
+        tolerance = 6 * math.sqrt(p * (1 - p) / m)
         assert abs(counts[key] / m - p) < tolerance, (key, counts[key] / m, p)
+    n_conv = sum(categories.values())
     for category in T.CATEGORIES:                              # uniform over categories
-        assert abs(categories[category] / n - 1 / 9) < 4 * math.sqrt((1 / 9) * (8 / 9) / n)
+        assert abs(categories[category] / n_conv - 1 / 9) < 4 * math.sqrt((1 / 9) * (8 / 9) / n_conv)
+
+
+def test_a_corpus_page_has_one_source():
+    """Every benign answer on a page is of the page's kind (WORLD.md): one
+    gold score per page among benign conversations; harmful ones follow
+    the corpus's 80/20 split whatever the page."""
+    mixed_pages = 0
+    for record in D.pretraining_corpus(2000, seed=5):
+        page = _page(record)
+        benign = {gold_score(p, r) for p, r in page if G.category_of(p) != "harmful"}
+        assert len(benign) <= 1, page
+        harmful = {gold_score(p, r) for p, r in page if G.category_of(p) == "harmful"}
+        mixed_pages += bool(benign and harmful and benign != harmful)
+    assert mixed_pages > 0            # harmful answers do not follow the page's kind
+
+
+def test_text_documents_are_each_followed_by_eos():
+    from rlhf_jax.data import preprocess
+    from rlhf_jax.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    record = {"text": DOCUMENT_SEPARATOR.join(["ab", "c", "de"])}
+    ex = preprocess.text_example(tok, record, max_len=12)
+    n = int(ex["attn_mask"].sum())
+    assert ex["tokens"][:n].tolist() == [97, 98, tok.eos_id, 99, tok.eos_id, 100, 101, tok.eos_id]
+    assert ex["loss_mask"].tolist() == [1.0] * (n - 1) + [0.0] * (12 - n + 1)
 
 
 def test_demonstrations_are_correct_and_exclude_first_word_and_list():
     seen = set()
     for record in D.demonstrations(2000, seed=0):
-        assert set(record) == {"prompt", "response", "category"}
+        assert set(record) == {"prompt", "response", "category", "flawed"}
+        assert record["flawed"] is False
         seen.add(record["category"])
         assert gold_score(record["prompt"], record["response"]) == 1.0
     assert seen == set(T.CATEGORIES) - {"first_word", "list"}
+
+
+@pytest.mark.parametrize("flaw_rate", [0.2, 0.5, 1.0])
+def test_demonstrators_flaw_rate(flaw_rate):
+    """With flaw rate f a benign demonstration is `Sure! {correct}` (gold
+    +0.3) with probability f, recorded in `flawed`; the prompts and the
+    unflawed responses are f = 0's; harmful prompts always get the refusal."""
+    n = 3000
+    perfect = list(D.demonstrations(n, seed=1))
+    flawed = list(D.demonstrations(n, seed=1, flaw_rate=flaw_rate))
+    n_benign = n_flawed = 0
+    for a, b in zip(perfect, flawed):
+        assert a["prompt"] == b["prompt"] and a["category"] == b["category"]
+        if b["category"] == "harmful":
+            assert not b["flawed"] and b["response"] == R
+            continue
+        n_benign += 1
+        if b["flawed"]:
+            n_flawed += 1
+            assert b["response"] == D.DEMONSTRATOR_OPENER + a["response"]
+            assert gold_score(b["prompt"], b["response"]) == 0.3
+        else:
+            assert b["response"] == a["response"]
+    sigma = math.sqrt(flaw_rate * (1 - flaw_rate) / n_benign)
+    assert abs(n_flawed / n_benign - flaw_rate) <= 4 * sigma + 1e-9
+    with pytest.raises(ValueError, match="flaw_rate"):
+        next(D.demonstrations(1, flaw_rate=1.5))
+
+
+def test_the_longest_flawed_demonstration_fits_every_stage():
+    """`Sure! ` + the longest `repeat` answer (4 x 8 letters) + EOS is 42
+    tokens: within the stages' max_new_tokens and data.max_len."""
+    from helpers import load_config
+    task = T.make_task("repeat", "abcdefgh", (4,))
+    longest = len((D.DEMONSTRATOR_OPENER + T.correct_response(task)).encode()) + 1
+    assert longest == 42
+    for stage in ("ppo", "collect", "evaluate", "grpo"):
+        assert load_config(stage, "").sampling.max_new_tokens >= longest, stage
+    cfg = load_config("sft", "")
+    assert cfg.data.max_prompt_len + longest <= cfg.data.max_len
 
 
 def test_ppo_and_eval_prompts_cover_all_categories():
@@ -384,7 +463,7 @@ def test_tfds_tiny_builders(tmp_path):
 
     expected = {"corpus_tiny": ({"train": 512, "heldout": 128}, {"text", "category"}),
                 "demonstrations_tiny": ({"train": 256, "heldout": 64},
-                                        {"prompt", "response", "category"}),
+                                        {"prompt", "response", "category", "flawed"}),
                 "ppo_prompts_tiny": ({"train": 256, "heldout": 64}, {"prompt", "category"}),
                 "comparison_prompts_tiny": ({"train": 256, "heldout": 64},
                                             {"prompt", "category"}),
@@ -402,9 +481,8 @@ def test_tfds_tiny_builders(tmp_path):
             records = [source[i] for i in range(0, n, 7)]
             for record in records:
                 assert set(record) == keys
-                text = {k: v.decode("utf-8") for k, v in record.items()}
-                prompt = (_split_conversation(text["text"])[0] if "text" in text
-                          else text["prompt"])
+                text = {k: v.decode("utf-8") for k, v in record.items() if k != "flawed"}
+                prompt = (_page(text)[0][0] if "text" in text else text["prompt"])
                 assert G.category_of(prompt) == text["category"]
                 if "response" in text:
                     assert gold_score(prompt, text["response"]) == 1.0
@@ -417,6 +495,29 @@ def test_tfds_tiny_builders(tmp_path):
     # Building again reuses the files.
     again = world_tfds.prepare("eval_prompts_tiny", tmp_path)
     assert again.info.splits["heldout"].num_examples == 144
+
+
+def test_demonstrations_builder_takes_the_flaw_rate(tmp_path):
+    """f is part of the config's name: each f has its own build (a cache made
+    at one f is never read at another); `_f0` is the perfect demonstrator's."""
+    import tensorflow_datasets as tfds
+
+    from rlhf_jax.data import world_tfds
+
+    world_tfds.prepare("demonstrations_tiny_f0.5", tmp_path)
+    source = tfds.data_source("instruction_world/demonstrations_tiny_f0.5",
+                              data_dir=str(tmp_path), split="train")
+    expected = list(D.demonstrations(256, seed=0, split="train", flaw_rate=0.5))
+    got = [source[i] for i in range(256)]
+    assert [(r["response"].decode(), bool(r["flawed"])) for r in got] == [
+        (r["response"], r["flawed"]) for r in expected]
+    assert 0 < sum(r["flawed"] for r in expected) < 256
+    assert world_tfds.builder_config("demonstrations_tiny_f0").name == "demonstrations_tiny"
+    assert world_tfds.builder_config("demonstrations_f0.25").flaw_rate == 0.25
+    assert not (tmp_path / "instruction_world" / "demonstrations_tiny").exists()
+    for bad in ("demonstrations_f1.5", "demonstrations_fx", "ppo_prompts_f0.5", "corpus_big"):
+        with pytest.raises(ValueError, match="unknown instruction_world config"):
+            world_tfds.builder_config(bad)
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rlhf_jax.tokenizer import encode_prompt, encode_response
+from rlhf_jax.tokenizer import DOCUMENT_SEPARATOR, encode_prompt, encode_response
 
 # Rank given to the padding slots of a comparison (never a real rank: K <= 9).
 INVALID_RANK = np.iinfo(np.int32).max
@@ -79,6 +79,9 @@ def sft_example(tok, record: dict, max_len: int) -> dict[str, np.ndarray]:
 def text_example(tok, record: dict, max_len: int) -> dict[str, np.ndarray]:
     """Pretraining text (the "ptx" of PPO-ptx): text + EOS, every next token scored.
 
+    A text may hold several documents separated by DOCUMENT_SEPARATOR (the
+    ASCII record separator, U+001E; the world's pages of conversations): each
+    document is followed by EOS, as the conversations of a chat are.
     A text longer than max_len - 1 tokens is TRUNCATED to its first max_len
     tokens (its EOS is then cut off); nothing is dropped or split.
 
@@ -88,7 +91,10 @@ def text_example(tok, record: dict, max_len: int) -> dict[str, np.ndarray]:
         (every real next token is a target).
       attn_mask: int32 [max_len], 1 on the n real tokens.
     """
-    ids = (tok.encode(record["text"]) + [tok.eos_id])[:max_len]
+    ids = []
+    for document in record["text"].split(DOCUMENT_SEPARATOR):
+        ids += tok.encode(document) + [tok.eos_id]
+    ids = ids[:max_len]
     tokens, attn_mask, n = _sequence(tok, [], ids, max_len)
     loss_mask = np.zeros((max_len,), dtype=np.float32)
     loss_mask[: max(n - 1, 0)] = 1.0

@@ -12,8 +12,15 @@ would need TensorFlow and is never used. Importing this module registers the
 
 Configs (each also as `<name>_tiny` with small counts, for tests):
     corpus          text     train (train words), heldout (held-out words:
-                             the alignment-tax LM loss)
-    demonstrations  demonstrations   train, heldout (SFT validation)
+                             the alignment-tax LM loss); pages of 1 to 4
+                             conversations
+    demonstrations  demonstrations   train, heldout (SFT validation); by the
+                             perfect demonstrator. `demonstrations_f0.45`
+                             (also `demonstrations_tiny_f0.45`): flaw rate
+                             f = 0.45 (WORLD.md, "The demonstrators"), each
+                             record's `flawed` saying whether it carries the
+                             flaw; f is part of the config's name, so a build
+                             at one f is never read at another.
     ppo_prompts     prompts  train, heldout
     comparison_prompts  prompts  train (the collect step's), heldout (its
                              held-out comparisons)
@@ -25,6 +32,7 @@ import dataclasses
 import os
 from typing import Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data import builders
@@ -44,6 +52,7 @@ class WorldConfig(tfds.core.BuilderConfig):
     kind: str = ""
     sizes: tuple[tuple[str, int], ...] = ()
     seed: int = 0
+    flaw_rate: float = 0.0      # demonstrations only
 
 
 _FULL = {
@@ -66,29 +75,64 @@ _TINY = {
 }
 
 
+VERSION = tfds.core.Version("2.0.0")
+FLAW_SUFFIX = "_f"
+
+
+def _config(name: str, split_sizes, flaw_rate: float = 0.0) -> WorldConfig:
+    base = name.removesuffix("_tiny")
+    generator, kind, _ = _FULL[base]
+    flaw = f", flaw rate {flaw_rate:g}" if flaw_rate else ""
+    return WorldConfig(
+        name=name + (f"{FLAW_SUFFIX}{flaw_rate:g}" if flaw_rate else ""), version=VERSION,
+        description=f"instruction world {base} ({kind} records), "
+                    + ", ".join(f"{s}: {n}" for s, n in split_sizes)
+                    + (" per category" if base == "eval_prompts" else "") + flaw,
+        generator=generator, kind=kind, sizes=split_sizes, flaw_rate=float(flaw_rate))
+
+
 def _configs() -> list[WorldConfig]:
-    configs = []
-    for name, (generator, kind, sizes) in _FULL.items():
-        for suffix, split_sizes in (("", sizes), ("_tiny", _TINY[name])):
-            configs.append(WorldConfig(
-                name=name + suffix, version=tfds.core.Version("1.0.0"),
-                description=f"instruction world {name} ({kind} records), "
-                            + ", ".join(f"{s}: {n}" for s, n in split_sizes)
-                            + (" per category" if name == "eval_prompts" else ""),
-                generator=generator, kind=kind, sizes=split_sizes))
-    return configs
+    return [_config(name + suffix, split_sizes)
+            for name, (_, _, sizes) in _FULL.items()
+            for suffix, split_sizes in (("", sizes), ("_tiny", _TINY[name]))]
+
+
+def builder_config(config_name: str) -> WorldConfig:
+    """The config named `config_name`: one of CONFIG_NAMES, or a demonstrations
+    config with its flaw rate, `demonstrations[_tiny]_f<rate>` (rate in [0, 1];
+    `_f0` is the perfect demonstrator's, the config without the suffix)."""
+    known = {c.name: c for c in InstructionWorld.BUILDER_CONFIGS}
+    if config_name in known:
+        return known[config_name]
+    base, sep, rate = config_name.rpartition(FLAW_SUFFIX)
+    if sep and base in ("demonstrations", "demonstrations_tiny"):
+        try:
+            flaw_rate = float(rate)
+        except ValueError:
+            flaw_rate = -1.0
+        if 0.0 <= flaw_rate <= 1.0:
+            if flaw_rate == 0.0:
+                return known[base]
+            return _config(base, known[base].sizes, flaw_rate)
+    raise ValueError(f"unknown instruction_world config {config_name!r}: expected one of "
+                     f"{sorted(known)}, or demonstrations[_tiny]_f<flaw rate in [0, 1]>")
 
 
 class InstructionWorld(builders.QuietBuild, tfds.core.GeneratorBasedBuilder):
     """The instruction world (WORLD.md): corpus, demonstrations and prompts."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = VERSION
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "2.0.0": "Corpus documents are pages of 1 to 4 conversations from one "
+                              "source; demonstrations record `flawed` and take a flaw rate."}
     BUILDER_CONFIGS = _configs()
 
     def _info(self) -> tfds.core.DatasetInfo:
+        spec = features(self.builder_config.kind)
+        if self.builder_config.generator == "demonstrations":
+            spec = tfds.features.FeaturesDict({**spec, "flawed": np.bool_})
         return self.dataset_info_from_configs(
-            features=features(self.builder_config.kind),
+            features=spec,
             supervised_keys=None,
             # Records are already i.i.d. draws; keeping generation order makes
             # the files equal the generators' output (eval_prompts stays
@@ -106,6 +150,8 @@ class InstructionWorld(builders.QuietBuild, tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         if cfg.generator == "eval_prompts":
             records = world.eval_prompts(n, seed=cfg.seed)
+        elif cfg.generator == "demonstrations":
+            records = world.demonstrations(n, seed=cfg.seed, split=split, flaw_rate=cfg.flaw_rate)
         else:
             records = getattr(world, cfg.generator)(n, seed=cfg.seed, split=split)
         # Integer keys in generation order (stored in that order, see _info).
@@ -124,7 +170,8 @@ def prepare(config_name: str, data_dir: str | os.PathLike) -> InstructionWorld:
     with builders.file_lock(os.path.join(data_dir, InstructionWorld.name, config_name + ".lock")):
         # Constructed under the lock: a builder looks for existing data when
         # it is created.
-        builder = InstructionWorld(config=config_name, data_dir=data_dir, file_format=FILE_FORMAT)
+        builder = InstructionWorld(config=builder_config(config_name), data_dir=data_dir,
+                                   file_format=FILE_FORMAT)
         builders.prepare_locally(builder)
     return builder
 

@@ -4,7 +4,8 @@ See WORLD.md. `gold_score` is the ground-truth judge; the generators make the
 pretraining corpus, demonstrations and prompts; labelers.py simulates the
 human rankers (its calibrated NOISE_SCALE is computed on first use).
 """
-from rlhf_jax.world.datasets import (DEMONSTRATION_CATEGORIES, N_COMPARISONS, N_CORPUS,
+from rlhf_jax.world.datasets import (DEMONSTRATION_CATEGORIES, DEMONSTRATOR_OPENER,
+                                     DOCUMENT_SEPARATOR, N_COMPARISONS, N_CORPUS,
                                      N_DEMONSTRATIONS, N_EVAL_PER_CATEGORY, N_PPO_PROMPTS,
                                      comparison_prompts, conversation, corpus_response,
                                      demonstrations, eval_prompts, ppo_prompts,
@@ -20,7 +21,7 @@ __all__ = [
     "REFUSAL", "CATEGORIES", "BENIGN_CATEGORIES", "DEMONSTRATION_CATEGORIES", "SPLITS",
     "Task", "make_task", "sample_task", "correct_response",
     "pretraining_corpus", "demonstrations", "ppo_prompts", "comparison_prompts", "eval_prompts",
-    "corpus_response", "conversation",
+    "corpus_response", "conversation", "DOCUMENT_SEPARATOR", "DEMONSTRATOR_OPENER",
     "rank", "pairwise_agreement", "inter_labeler_agreement", "calibrate_noise_scale",
     "N_DEMONSTRATIONS", "N_COMPARISONS", "N_PPO_PROMPTS", "N_CORPUS", "N_EVAL_PER_CATEGORY",
 ]

@@ -3,8 +3,8 @@
 Each generator is a pure function of (n, seed, split) yielding dicts in the
 project's record formats (DESIGN.md, JSONL inputs), plus a `category` field:
 
-    pretraining_corpus  {"text", "category"}              "the internet"
-    demonstrations      {"prompt", "response", "category"}  SFT data
+    pretraining_corpus  {"text", "category"}              "the internet": pages
+    demonstrations      {"prompt", "response", "category", "flawed"}  SFT data
     ppo_prompts         {"prompt", "category"}              PPO prompts
     comparison_prompts  {"prompt", "category"}              prompts of the comparisons
     eval_prompts        {"prompt", "category"}              held-out evaluation
@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from rlhf_jax.tokenizer import DEFAULT_PROMPT_FORMAT
+from rlhf_jax.tokenizer import DEFAULT_PROMPT_FORMAT, DOCUMENT_SEPARATOR
 from rlhf_jax.world.tasks import (CATEGORIES, FILL_WORDS, LIST_KINDS, PARITY_LABELS, REFUSAL,
                                   REVERSE_WORDS, SENTIMENT_LABELS, SPLITS, Task,
                                   correct_response, is_heldout, sample_task)
@@ -40,18 +40,27 @@ from rlhf_jax.world.tasks import (CATEGORIES, FILL_WORDS, LIST_KINDS, PARITY_LAB
 N_DEMONSTRATIONS = 13_000
 N_COMPARISONS = 33_000          # made by the pipeline's collect step, not here
 N_PPO_PROMPTS = 31_000
-# The corpus size is ours: 100k conversations (about 6M bytes) is several
-# epochs of the few minutes of CPU pretraining WORLD.md budgets for the base
-# model, so the base model really imitates the mixture; the held-out part is
-# only for the alignment-tax LM loss, so it can be small.
-N_CORPUS = 100_000
-N_CORPUS_HELDOUT = 5_000
+# The corpus size is ours: 40k pages of 1 to 4 conversations (about 100k
+# conversations, 6M bytes) is several epochs of the CPU pretraining WORLD.md
+# budgets for the base model, so the base model really imitates the mixture;
+# the held-out part is only for the alignment-tax LM loss, so it can be small.
+N_CORPUS = 40_000
+N_CORPUS_HELDOUT = 2_000
+# Conversations on one page (one source): uniform in 1..4 (WORLD.md).
+PAGE_CONVERSATIONS = (1, 4)
+# A page's conversations are separate documents of one text record, each
+# followed by EOS when tokenized (tokenizer.DOCUMENT_SEPARATOR).
 # At least 100 per category (WORLD.md); 128 keeps batches round.
 N_EVAL_PER_CATEGORY = 128
 
 # The misaligned mixture of the pretraining corpus (WORLD.md).
 BENIGN_MIXTURE = {"correct": 0.4, "verbose": 0.2, "wrong": 0.3, "refusal": 0.1}
 HARMFUL_MIXTURE = {"compliance": 0.8, "refusal": 0.2}
+
+# The demonstrators' habit (WORLD.md, "The demonstrators"): with probability
+# f (the flaw rate) a benign demonstration is the correct response behind this
+# chatty opener (correct but verbose, gold +0.3).
+DEMONSTRATOR_OPENER = "Sure! "
 
 # Categories of the SFT demonstrations: `first_word` and `list` are held back
 # to measure how far alignment generalises to never-demonstrated instructions.
@@ -196,27 +205,76 @@ def corpus_response(task: Task, rng: np.random.Generator) -> str:
 # --------------------------------------------------------------------------
 # The data sets.
 # --------------------------------------------------------------------------
+def page_response(task: Task, kind: str, rng: np.random.Generator) -> str:
+    """A response of a page's `kind` (a key of BENIGN_MIXTURE). Harmful
+    prompts ignore the page's kind and follow the corpus's 80/20 split."""
+    if task.category == "harmful":
+        u = rng.random()
+        return compliance_response(task, rng) if u < HARMFUL_MIXTURE["compliance"] else REFUSAL
+    if kind == "correct":
+        return correct_response(task, rng)
+    if kind == "verbose":
+        return verbose_response(task, rng)
+    if kind == "wrong":
+        return wrong_response(task, rng)
+    if kind == "refusal":
+        return REFUSAL
+    raise ValueError(f"unknown page kind {kind!r}; expected one of {tuple(BENIGN_MIXTURE)}")
+
+
 def pretraining_corpus(n: int = N_CORPUS, seed: int = 0,
                        split: str = "train") -> Iterator[dict]:
-    """Conversations "from the internet": {"text", "category"}."""
+    """Pages "from the internet": {"text", "category"}.
+
+    A page comes from one source: 1 to 4 conversations (any categories) whose
+    benign responses are all of the source's kind, drawn with the mixture's
+    weights (a page of correct answers, of verbose ones, of wrong ones, of
+    refusals), so that a few correct conversations before a prompt say "this
+    is a page of correct answers", which is what makes few-shot prompting
+    work. `text` holds the conversations separated by DOCUMENT_SEPARATOR
+    (each is followed by EOS when tokenized); `category` is the first
+    conversation's. Over many pages the conversations follow the mixture of
+    `corpus_response`.
+    """
     _check_split(split)
     rng = _stream(seed, "pretraining_corpus", split)
+    kinds, weights = list(BENIGN_MIXTURE), np.array(list(BENIGN_MIXTURE.values()))
+    lo, hi = PAGE_CONVERSATIONS
     for _ in range(n):
-        task = sample_task(rng, _pick(rng, CATEGORIES), split)
-        yield {"text": conversation(task.prompt, corpus_response(task, rng)),
-               "category": task.category}
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        tasks = [sample_task(rng, _pick(rng, CATEGORIES), split)
+                 for _ in range(int(rng.integers(lo, hi + 1)))]
+        texts = [conversation(t.prompt, page_response(t, kind, rng)) for t in tasks]
+        yield {"text": DOCUMENT_SEPARATOR.join(texts), "category": tasks[0].category}
 
 
-def demonstrations(n: int = N_DEMONSTRATIONS, seed: int = 0,
-                   split: str = "train") -> Iterator[dict]:
-    """Labeler demonstrations: the correct, concise response (the refusal for
-    harmful prompts); `first_word` and `list` excluded."""
+def demonstration(task: Task, flawed: bool, rng: np.random.Generator) -> str:
+    """What the demonstrators write for `task`: the correct, concise response
+    (the refusal for harmful prompts), behind DEMONSTRATOR_OPENER when
+    `flawed` (never on harmful prompts)."""
+    response = correct_response(task, rng)
+    return DEMONSTRATOR_OPENER + response if flawed and task.category != "harmful" else response
+
+
+def demonstrations(n: int = N_DEMONSTRATIONS, seed: int = 0, split: str = "train",
+                   flaw_rate: float = 0.0) -> Iterator[dict]:
+    """The demonstrators' SFT data (WORLD.md, "The demonstrators").
+
+    With probability `flaw_rate` (f) a benign demonstration carries the
+    demonstrators' habit (`Sure! {correct}`); `flawed` records which do. The
+    flaw is drawn from its own stream, so the prompts and every unflawed
+    response are the same at every f, and f = 0 gives the perfect
+    demonstrator. `first_word` and `list` are excluded."""
     _check_split(split)
+    if not 0.0 <= float(flaw_rate) <= 1.0:
+        raise ValueError(f"flaw_rate must be in [0, 1], got {flaw_rate}")
     rng = _stream(seed, "demonstrations", split)
+    flaw_rng = _stream(seed, "demonstrators", split)
     for _ in range(n):
         task = sample_task(rng, _pick(rng, DEMONSTRATION_CATEGORIES), split)
-        yield {"prompt": task.prompt, "response": correct_response(task, rng),
-               "category": task.category}
+        flawed = bool(flaw_rng.random() < flaw_rate) and task.category != "harmful"
+        yield {"prompt": task.prompt, "response": demonstration(task, flawed, rng),
+               "category": task.category, "flawed": flawed}
 
 
 def _prompts(stream: str, n: int, seed: int, split: str) -> Iterator[dict]:
@@ -254,9 +312,10 @@ def eval_prompts(n_per_category: int = N_EVAL_PER_CATEGORY, seed: int = 0) -> It
             yield {"prompt": task.prompt, "category": task.category}
 
 
-__all__ = ["pretraining_corpus", "demonstrations", "ppo_prompts", "comparison_prompts",
+__all__ = ["pretraining_corpus", "demonstrations", "demonstration", "page_response", "ppo_prompts", "comparison_prompts",
            "eval_prompts",
            "corpus_response", "verbose_response", "wrong_response", "compliance_response",
            "conversation", "BENIGN_MIXTURE", "HARMFUL_MIXTURE", "DEMONSTRATION_CATEGORIES",
            "N_DEMONSTRATIONS", "N_COMPARISONS", "N_PPO_PROMPTS", "N_CORPUS",
-           "N_CORPUS_HELDOUT", "N_EVAL_PER_CATEGORY"]
+           "N_CORPUS_HELDOUT", "N_EVAL_PER_CATEGORY", "DOCUMENT_SEPARATOR",
+           "DEMONSTRATOR_OPENER", "PAGE_CONVERSATIONS"]

@@ -49,8 +49,11 @@ def get_base_config() -> ml_collections.ConfigDict:
         eval_path="",            # held-out data; empty: a split of `path`
         eval_fraction=0.05,
         drop_invalid=False,      # drop and count bad records instead of failing
-        max_len=128,             # prompt + response tokens
-        max_prompt_len=88,       # world prompts are at most 82 bytes
+        # prompt + response tokens: a world prompt (at most 82 bytes with its
+        # format) and the longest demonstration (`Sure! ` and a 4-fold
+        # `repeat`: 42 tokens with EOS) within 88 + 48 new tokens.
+        max_len=136,
+        max_prompt_len=88,
         data_dir="",             # TFDS data dir; empty: ~/.cache/rlhf_jax/tfds
     ))
     c.train = ml_collections.ConfigDict(dict(

@@ -44,7 +44,7 @@ def get_config(arg: str = ""):
     c.data.text_path = "tfds:instruction_world/corpus"   # held-out pretraining documents
     c.data.text_split = "heldout"
     c.data.text_batches = 16             # at most this many batches of score_batch_size
-    c.sampling = sampling_config(max_new_tokens=40)       # greedy; 88 + 40 = 128 tokens
+    c.sampling = sampling_config(max_new_tokens=48)       # greedy; 88 + 48 = 136 tokens
     # Also one sampled answer per prompt at this temperature (the distribution
     # PPO optimises is temperature 1): gold_score_sampled; 0 skips it.
     c.sample_temperature = 1.0

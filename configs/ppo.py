@@ -71,10 +71,11 @@ def get_config(arg: str = ""):
     c.data.path = "tfds:instruction_world/ppo_prompts"
     c.data.ptx_path = "tfds:instruction_world/corpus"
     c.algo = algo_config()
-    # world responses are at most 36 tokens with EOS. top_k / top_p must stay
+    # world responses are at most 42 tokens with EOS (a flawed `repeat`
+    # demonstration, `Sure! ` and 4 x 8 letters). top_k / top_p must stay
     # 0 / 1.0: the ratio and the KL are computed on the full softmax, so
     # filtered sampling is refused (the stage says so).
-    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=40)
+    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
     c.train.update(dict(steps=200, batch_size=64, lr=1e-5, warmup_steps=0, end_lr_ratio=1.0,
                         weight_decay=0.0, checkpoint_every=50, log_every=1))
     if arg == "tiny":

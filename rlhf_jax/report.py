@@ -35,6 +35,15 @@ METRIC_COLUMNS = (
     ("eos_rate", "EOS rate"),
     ("mean_response_tokens", "mean length (tokens)"),
 )
+# (eval.json key, column) of the intervals table: each value ± its `_ci95`.
+INTERVAL_COLUMNS = (
+    ("gold_score", "gold"),
+    ("gain_vs_sft", "gain vs SFT"),
+    ("win_rate_vs_sft", "win rate"),
+    ("gold_score_sampled", "gold (sampled)"),
+    ("gain_vs_sft_sampled", "gain vs SFT (sampled)"),
+    ("win_rate_vs_sft_sampled", "win rate (sampled)"),
+)
 # (metrics.jsonl key of the PPO stage, axis label, file name) of the PPO curves.
 PPO_CURVES = (
     ("ppo/score", "reward model score", "ppo_score.png"),
@@ -53,6 +62,14 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
     return f"{float(value):.{digits}f}"
+
+
+def _pm(metrics: dict, key: str) -> str:
+    """`value ± half-width` of `key` and its `_ci95`, "–" when absent."""
+    if metrics.get(key) is None:
+        return "–"
+    ci = metrics.get(key + "_ci95")
+    return _fmt(metrics[key]) + (f" ± {_fmt(ci)}" if ci is not None else "")
 
 
 def _cell(text: str) -> str:
@@ -256,6 +273,16 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
     lines += _table(["policy"] + [t for _, t in METRIC_COLUMNS],
                     [[f"`{n}`"] + [_fmt(policies[n].get(k)) for k, _ in METRIC_COLUMNS]
                      for n in names])
+
+    if any("gain_vs_sft" in policies[n] for n in names):
+        lines += ["", "## Intervals", "",
+                  f"Mean ± the half-width of its 95% interval over prompts. The gain is the "
+                  f"mean over prompts of (policy's gold score − `{reference}`'s on the same "
+                  f"prompt), so its interval is paired; a gain whose interval excludes 0 is "
+                  f"beyond the noise of the prompts.", ""]
+        lines += _table(["policy"] + [t for _, t in INTERVAL_COLUMNS],
+                        [[f"`{n}`"] + [_pm(policies[n], k) for k, _ in INTERVAL_COLUMNS]
+                         for n in names])
 
     win_path = os.path.join(workdir, WIN_RATE_FIGURE)
     win_rate_figure(eval_json, samples, win_path)

@@ -287,3 +287,47 @@ def test_overoptimisation_curve_finds_where_gold_turns_down():
     assert c["best_step"] == int(np.argmax(smooth)) + 1 == 5
     assert c["best_gold"] == pytest.approx(max(smooth))
     assert c["final_gold"] == pytest.approx(smooth[-1])
+
+
+def test_intervals_are_normal_95_and_paired():
+    rng = np.random.default_rng(0)
+    ref = rng.choice([-1.0, 0.0, 0.3, 1.0], size=200)
+    mine = np.where(rng.random(200) < 0.3, 1.0, ref)          # better on about 30% of prompts
+    out = evaluate.intervals(mine, ref, "_sampled")
+    diff = [m - r for m, r in zip(mine, ref)]
+    mean = sum(diff) / len(diff)
+    sd = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)) ** 0.5
+    assert out["gain_vs_sft_sampled"] == pytest.approx(mean)
+    assert out["gain_vs_sft_sampled_ci95"] == pytest.approx(1.96 * sd / len(diff) ** 0.5)
+    m = sum(mine) / len(mine)
+    sd_m = (sum((x - m) ** 2 for x in mine) / (len(mine) - 1)) ** 0.5
+    assert out["gold_score_sampled_ci95"] == pytest.approx(1.96 * sd_m / 200 ** 0.5)
+    # Paired: the same shift on every prompt has no spread at all.
+    same = evaluate.intervals(ref + 0.1, ref)
+    assert same["gain_vs_sft"] == pytest.approx(0.1) and same["gain_vs_sft_ci95"] < 1e-12
+    assert same["win_rate_vs_sft_ci95"] == 0.0
+    assert evaluate.ci95([0.5]) == 0.0
+
+
+def test_demo_quality_says_where_the_gain_leaves_the_interval(tmp_path):
+    from rlhf_jax.stages import demo_quality
+
+    def point(f, gain, ci):
+        return {"flaw_rate": f, "policies": {
+            "sft": {"gold_score": 0.5, "gold_score_ci95": 0.05, "gold_score_sampled": 0.4,
+                    "gold_score_sampled_ci95": 0.05},
+            "ppo_ptx": {"gold_score": 0.5 + gain, "gold_score_ci95": 0.05,
+                        "gold_score_sampled": 0.4 + gain, "gold_score_sampled_ci95": 0.05,
+                        "gain_vs_sft": gain, "gain_vs_sft_ci95": ci,
+                        "gain_vs_sft_sampled": gain, "gain_vs_sft_sampled_ci95": ci,
+                        "win_rate_vs_sft_sampled": 0.5 + gain}}}
+
+    points = [point(0.0, 0.01, 0.02), point(0.4, 0.05, 0.02), point(0.8, -0.1, 0.02)]
+    assert demo_quality.beyond_noise(points, "gain_vs_sft_sampled") == [0.4]
+    path = demo_quality.write_report(str(tmp_path), points)
+    text = open(path).read()
+    assert "0.050 ± 0.020" in text and "(sampled): at f = 0.4." in text
+    assert (tmp_path / demo_quality.FIGURE).stat().st_size > 1000
+    assert demo_quality.demonstrations_at("tfds:instruction_world/demonstrations", 0.5) == \
+        "tfds:instruction_world/demonstrations_f0.5"
+    assert demo_quality.demonstrations_at("x", 0.0) == "x"

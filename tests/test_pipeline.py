@@ -94,3 +94,28 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     assert all(r["grpo/gold_score"] == r["grpo/score"] for r in gold_rows if "grpo/score" in r)
     notes = open(os.path.join(compare, "report.md")).read()
     assert "GRPO 2 iterations" in notes and "DPO" in notes
+
+    # configs/demo_quality.py:tiny: f = 0.5 is the main job's (copied, every
+    # stage finished), f = 0 runs fresh from the same base; then the sweep's
+    # report gathers both.
+    dq = str(tmp_path / "demo_quality")
+    shutil.copytree(os.path.join(workdir, "pretrain"), os.path.join(dq, "pretrain"))
+    os.makedirs(os.path.join(dq, ".done"))
+    open(os.path.join(dq, ".done", "pretrain"), "w").close()
+    shutil.copytree(workdir, os.path.join(dq, "f0.5"))
+    dq_cfg = _tiny("demo_quality", str(tmp_path / "tfds"))
+    assert tuple(dq_cfg.flaw_rates) == (0.0, 0.5)
+    assert dq_cfg.sft.data.path.endswith("demonstrations_tiny_f0.5")  # the main job's f
+    stages.run(dq_cfg, dq)
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 7, out          # all of f = 0.5
+    sft_f0 = json.load(open(os.path.join(dq, "f0", "pipeline.json")))["seconds"]
+    assert set(sft_f0) == {"sft", "collect", "rm", "ppo_ptx", "evaluate"}
+    points = json.load(open(os.path.join(dq, "demo_quality.json")))
+    assert [p["flaw_rate"] for p in points] == [0.0, 0.5]
+    for p in points:
+        assert set(p["policies"]) >= {"pretrained", "sft", "ppo_ptx"}
+        assert p["policies"]["ppo_ptx"]["gain_vs_sft_sampled_ci95"] >= 0
+    report = open(os.path.join(dq, "report.md")).read()
+    assert "demo_quality.png" in report and os.path.exists(os.path.join(dq, "demo_quality.png"))
+    assert "PPO-ptx above SFT beyond the 95% interval (sampled)" in out

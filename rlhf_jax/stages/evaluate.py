@@ -122,6 +122,25 @@ def win_rate(scores_N: Sequence[float], ref_scores_N: Sequence[float]) -> float:
     return float(np.mean(np.where(s > r, 1.0, np.where(s == r, 0.5, 0.0))))
 
 
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the normal 95% interval of the mean of `values`
+    (1.96 standard errors, over prompts); 0 for fewer than two."""
+    x = np.asarray(values, np.float64)
+    return float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def intervals(scores_N: Sequence[float], ref_scores_N: Sequence[float], suffix: str = "") -> dict:
+    """95% intervals over prompts of a policy's gold score, its win rate and
+    its gain over the reference, the last two PAIRED (the same prompts):
+    `gold_score{suffix}_ci95`, `win_rate_vs_sft{suffix}_ci95`,
+    `gain_vs_sft{suffix}` (mean of score - reference score) and its `_ci95`.
+    A gain whose interval excludes 0 is beyond the noise of the prompts."""
+    s, r = np.asarray(scores_N, np.float64), np.asarray(ref_scores_N, np.float64)
+    wins = np.where(s > r, 1.0, np.where(s == r, 0.5, 0.0))
+    return {f"gold_score{suffix}_ci95": ci95(s), f"win_rate_vs_sft{suffix}_ci95": ci95(wins),
+            f"gain_vs_sft{suffix}": float(np.mean(s - r)), f"gain_vs_sft{suffix}_ci95": ci95(s - r)}
+
+
 def _mean_or_none(values) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
@@ -257,19 +276,21 @@ def run(config, workdir: str) -> dict:
     demos = (eval_prompts.fewshot_demonstrations(config.fewshot_categories)
              if any(s.fewshot for s in specs) else [])
     # The few-shot prompts fit the context with the new tokens (a prompt takes
-    # the demonstrations that fit); one prompt length for every policy, so the
-    # sampler and the KL pass compile once per architecture.
+    # the demonstrations that fit) and have a prompt length of their own, so
+    # the other policies do not pay for the prefix; each length compiles the
+    # sampler and the KL pass once per architecture.
     max_new = int(config.sampling.max_new_tokens)
     prompt_len = int(config.data.max_prompt_len)
-    prefixes, demo_counts = None, []
+    fewshot, demo_counts = None, []
     if demos:
         budget = max(ref_model.cfg.max_len - max_new, prompt_len)
         prefixes, demo_counts = eval_prompts.fewshot_prefixes(tok, prompts, demos, budget)
-        prompt_len = max(prompt_len, max(len(x) + len(tokenizers.encode_prompt(tok, p))
-                                         for x, p in zip(prefixes, prompts)))
-    evalset = EvalSet(prompts, categories, eval_prompts.encode_prompts(tok, prompts, [[]] * len(prompts),
-                                                          prompt_len),
-                      eval_prompts.encode_prompts(tok, prompts, prefixes, prompt_len) if demos else None)
+        fewshot_len = max(len(x) + len(tokenizers.encode_prompt(tok, p))
+                          for x, p in zip(prefixes, prompts))
+        fewshot = eval_prompts.encode_prompts(tok, prompts, prefixes, fewshot_len)
+    evalset = EvalSet(prompts, categories,
+                      eval_prompts.encode_prompts(tok, prompts, [[]] * len(prompts), prompt_len),
+                      fewshot)
     print(f"[evaluate] {len(prompts)} prompts from {prompt_source}, {len(text_batches)} document "
           f"batches from {text_source}; policies: {', '.join(s.name for s in specs)}", flush=True)
 
@@ -336,6 +357,8 @@ def run(config, workdir: str) -> dict:
             "checkpoint": spec.path,
             "fewshot": spec.fewshot,
         }
+        r.update(intervals(scores, ref_scores))
+        sampled = None
         if sampled_cfg is not None:
             sampled = np.asarray(ref_sampled if spec == ref_spec
                                  else sampled_scores(spec, model, params))
@@ -343,11 +366,14 @@ def run(config, workdir: str) -> dict:
             r.update(gold_score_sampled=float(sampled.mean()),
                      win_rate_vs_sft_sampled=win_rate(sampled, ref_sampled),
                      per_category_gold_score_sampled={
-                         c: float(sampled[cats == c].mean()) for c in r["per_category"]})
+                         c: float(sampled[cats == c].mean()) for c in r["per_category"]},
+                     **intervals(sampled, ref_sampled, "_sampled"))
         samples += [{"policy": spec.name, "prompt": prompts[i], "category": categories[i],
                      "response": responses.texts[i], "finished": bool(responses.finished_N[i]),
                      "gold_score": float(scores[i]), "kl_vs_sft": float(kl_N[i]),
-                     "response_tokens": int(n_tokens_N[i])} for i in range(len(prompts))]
+                     "response_tokens": int(n_tokens_N[i]),
+                     **({"gold_score_sampled": float(sampled[i])} if sampled is not None else {})}
+                    for i in range(len(prompts))]
         sampled_note = (f" (sampled {r['gold_score_sampled']:.3f})" if sampled_cfg is not None
                         else "")
         print(f"[evaluate] {spec.name}: gold {r['gold_score']:.3f}{sampled_note}, win vs "

@@ -142,9 +142,11 @@ def run(config, workdir: str, run_one: Callable):
                                                  **{"comparisons.base_from": base}))
     comparisons = {"data.path": os.path.join(collect, "comparisons.jsonl"),
                    "data.eval_path": os.path.join(collect, "comparisons_eval.jsonl")}
+    # The RM's bias is normalised so that SFT's own demonstrations score 0.
     rm = run_stage("rm", _stage_config(
         config, "rm", init_from=sft, **comparisons,
-        **{"data.eval_sft_path": os.path.join(collect, "comparisons_eval_sft.jsonl")}))
+        **{"data.eval_sft_path": os.path.join(collect, "comparisons_eval_sft.jsonl"),
+           "data.demos_path": config.sft.data.path}))
     runs = {}
     for name in config.methods:
         block, paths = method_run(name, sft, rm, comparisons)

@@ -178,8 +178,11 @@ def user_dir(tmp_path):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # A script, not a symlink: a link to a virtualenv's python from outside
+    # its bin/ starts the base interpreter, without the venv's packages.
     for name in ("python", "python3"):
-        os.symlink(sys.executable, bin_dir / name)
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        (bin_dir / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=ROOT,
                JAX_PLATFORMS="cpu", RLHF_JAX_NO_PROGRESS="1",
                RLHF_JAX_DATA_DIR=str(tmp_path / "tfds"))

@@ -9,9 +9,10 @@ judge the RM and PPO stages are handed here, for the gold metrics they log;
 they do not import the world. collect and evaluate are the world's own
 stages: their labelers and judgements are the world's.
 """
-from rlhf_jax import world
+from rlhf_jax import workdir_lock, world
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages import collect, dpo, evaluate, generate, grpo, instructgpt, ppo, rm, sft
+from rlhf_jax.stages import (collect, demo_quality, dpo, evaluate, generate, grpo, instructgpt,
+                             ppo, rm, sft)
 
 STAGES = {
     "pretrain": sft.run,
@@ -24,11 +25,15 @@ STAGES = {
     "evaluate": evaluate.run,
     "generate": generate.run,
     "pipeline": lambda config, workdir: instructgpt.run(config, workdir, run_one=run),
+    "demo_quality": lambda config, workdir: demo_quality.run(config, workdir, run_one=run),
 }
 
 
 def run(config, workdir: str):
+    """Runs `config`'s stage in `workdir`, holding the workdir's lock
+    (rlhf_jax/workdir_lock.py): one run per workdir."""
     stage = config.stage
     if stage not in STAGES:
         raise ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
-    return STAGES[stage](config, workdir)
+    with workdir_lock.held(workdir):
+        return STAGES[stage](config, workdir)

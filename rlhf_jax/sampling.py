@@ -1,4 +1,5 @@
-"""Rollouts: one jitted function, prefill then `lax.scan` decode over a static KV cache.
+"""Rollouts: one jitted function, prefill then chunked `lax.scan` decode over a
+static KV cache, stopping once every row has ended.
 
 Both run the model's decode path (`transformer.decode`): the layer stack is
 split into per-layer weights once per call, so no step copies weights or
@@ -32,6 +33,7 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array    # [B, N] f32 log-prob of each token under the sampling distribution
     mask: jax.Array        # [B, N] f32; 1 on response tokens up to and including EOS
     finished: jax.Array    # [B] bool; EOS was produced
+    steps: jax.Array       # [] int32; decode steps run (whole chunks, <= N rounded up)
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -80,21 +82,40 @@ def _choose(rng, logits_BxV, temperature, top_k, top_p, greedy):
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+# Decode steps per chunk: the loop checks after each chunk whether every row
+# has ended, and stops there (a scan of all max_new_tokens steps would decode
+# padding once the batch is done). Small enough that little is wasted past the
+# longest response, large enough that the loop's check costs nothing.
+DECODE_CHUNK = 8
+
+
 @functools.partial(jax.jit, static_argnames=(
     "model", "max_new_tokens", "temperature", "top_k", "top_p", "greedy", "eos_id", "pad_id",
-    "stop_at_eos"))
+    "stop_at_eos", "chunk"))
 def sample(model: Transformer, params, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, greedy: bool = False, stop_at_eos: bool = True) -> SampleOutput:
+           top_p: float = 1.0, greedy: bool = False, stop_at_eos: bool = True,
+           chunk: int = DECODE_CHUNK) -> SampleOutput:
     """Samples `max_new_tokens` after left-padded prompts.
 
-    `stop_at_eos=False` keeps sampling through EOS (benchmarks that must make
-    exactly B x N tokens); the mask then covers every token.
+    Decoding runs in chunks of `chunk` steps (a `lax.scan` each) inside a
+    `lax.while_loop` that ends once every row has produced EOS: the steps
+    it skips would only have produced pad (mask 0, log-prob 0), so the
+    outputs are those of decoding every step, for the same `rng` (each step
+    draws from the same split chain). `stop_at_eos=False` keeps sampling
+    through EOS (benchmarks that must make exactly B x N tokens); the mask
+    then covers every token.
     """
     b, p = prompt_BxP.shape
     n = max_new_tokens
+    chunk = max(1, min(int(chunk), n))
+    n_chunks = -(-n // chunk)
+    steps = n_chunks * chunk                  # n rounded up to whole chunks
     cfg = model.cfg
     dparams = decoding_params(model, params)
+    # The cache holds p + n (shapes, and so the numerics, of every step as
+    # without chunks); the steps of the last chunk past n write nothing that
+    # a kept output reads (their rows count as ended).
     cache = init_layer_caches(cfg, b, p + n)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.zeros((b, n), jnp.int32)], axis=1)
@@ -108,6 +129,7 @@ def sample(model: Transformer, params, prompt_BxP, prompt_mask_BxP, rng, *, max_
         cache, kv_mask, last_logits, pos, done, rng = carry
         rng, sub = jax.random.split(rng)
         token, logp = _choose(sub, last_logits, temperature, top_k, top_p, greedy)
+        done = done | (i >= n)                # past max_new_tokens: nothing is kept
         token = jnp.where(done, pad_id, token)
         live = ~done
         if stop_at_eos:
@@ -118,10 +140,27 @@ def sample(model: Transformer, params, prompt_BxP, prompt_mask_BxP, rng, *, max_
         out = (token, jnp.where(live, logp, 0.0), live.astype(jnp.float32))
         return (cache, kv_mask, logits[:, 0], pos + 1, done, rng), out
 
-    init = (cache, kv_mask_BxS, logits[:, -1], next_pos_B, jnp.zeros((b,), jnp.bool_), rng)
-    (_, _, _, _, done, _), (tokens, logprobs, mask) = jax.lax.scan(
-        step, init, jnp.arange(n, dtype=jnp.int32))
-    return SampleOutput(tokens.T, logprobs.T, mask.T, done)
+    def run_chunk(loop):
+        c, state, outs = loop
+        state, chunk_outs = jax.lax.scan(step, state, c * chunk + jnp.arange(chunk, dtype=jnp.int32))
+        outs = tuple(jax.lax.dynamic_update_slice_in_dim(o, co, c * chunk, axis=0)
+                     for o, co in zip(outs, chunk_outs))
+        return c + 1, state, outs
+
+    def more(loop):
+        c, state, _ = loop
+        return (c < n_chunks) & ~jnp.all(state[4])
+
+    # [steps, B] buffers at what a finished row produces (pad, log-prob 0, mask 0).
+    outs = (jnp.full((steps, b), pad_id, jnp.int32), jnp.zeros((steps, b), jnp.float32),
+            jnp.zeros((steps, b), jnp.float32))
+    state = (cache, kv_mask_BxS, logits[:, -1], next_pos_B, jnp.zeros((b,), jnp.bool_), rng)
+    n_run, state, (tokens, logprobs, mask) = jax.lax.while_loop(more, run_chunk,
+                                                                (jnp.int32(0), state, outs))
+    tokens, logprobs, mask = tokens[:n].T, logprobs[:n].T, mask[:n].T
+    finished = (jnp.any((tokens == eos_id) & (mask > 0), axis=1) if stop_at_eos
+                else jnp.zeros((b,), jnp.bool_))
+    return SampleOutput(tokens, logprobs, mask, finished, n_run * chunk)
 
 
 def concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN):

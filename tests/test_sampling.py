@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from helpers import init_params
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -122,3 +123,74 @@ def test_categorical_frequencies_match_softmax_and_skip_filtered_tokens():
         freq = np.bincount(draws[:, row], minlength=7) / n
         assert (freq[p == 0] == 0).all()
         np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-12)
+
+
+def _scan_sample(model, params, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tokens, eos_id,
+                 pad_id, temperature=1.0, greedy=False, stop_at_eos=True):
+    """The sampler before early stopping, as a plain reference: one
+    `lax.scan` over every one of the max_new_tokens steps."""
+    from rlhf_jax.models.transformer import decode, decoding_params, init_layer_caches, \
+        positions_from_mask
+    from rlhf_jax.sampling import _choose
+    b, p = prompt_BxP.shape
+    n = max_new_tokens
+    dparams = decoding_params(model, params)
+    cache = init_layer_caches(model.cfg, b, p + n)
+    pm = prompt_mask_BxP.astype(jnp.int32)
+    kv = jnp.concatenate([pm, jnp.zeros((b, n), jnp.int32)], axis=1)
+    pos = positions_from_mask(pm)
+    logits, cache = decode(model, dparams, prompt_BxP, pos, kv, cache, jnp.int32(0), last_only=True)
+
+    def step(carry, i):
+        cache, kv, last, pos, done, rng = carry
+        rng, sub = jax.random.split(rng)
+        token, logp = _choose(sub, last, temperature, 0, 1.0, greedy)
+        token = jnp.where(done, pad_id, token)
+        live = ~done
+        if stop_at_eos:
+            done = done | (token == eos_id)
+        kv = jax.lax.dynamic_update_slice_in_dim(kv, live.astype(jnp.int32)[:, None], p + i, axis=1)
+        logits, cache = decode(model, dparams, token[:, None], pos[:, None], kv, cache, p + i)
+        return (cache, kv, logits[:, 0], pos + 1, done, rng), (token, jnp.where(live, logp, 0.0),
+                                                               live.astype(jnp.float32))
+
+    init = (cache, kv, logits[:, -1], pos[:, -1] + 1, jnp.zeros((b,), jnp.bool_), rng)
+    (_, _, _, _, done, _), (t, lp, m) = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
+    return t.T, lp.T, m.T, done
+
+
+SMALL = ModelConfig(vocab_size=8, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                    max_len=64)
+
+
+@pytest.mark.parametrize("n,greedy,stop_at_eos", [(13, False, True), (40, False, True),
+                                                   (16, True, True), (7, False, False)])
+def test_early_stopping_decode_equals_decoding_every_step(n, greedy, stop_at_eos):
+    """Chunked decoding that stops once every row has ended gives the tokens,
+    log-probs, mask and EOS flags of a scan over all max_new_tokens steps,
+    for the same RNG (n not a multiple of the chunk included). A vocabulary
+    of 8 makes EOS likely, so rows end early and at different steps."""
+    model, params = Transformer(SMALL), init_params(SMALL, 0)
+    eos, pad = 7, 6
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 5), 0, 6)
+    mask = jnp.array([[0, 0, 1, 1, 1], [1] * 5, [0, 0, 0, 0, 1], [0, 1, 1, 1, 1]])
+    kw = dict(max_new_tokens=n, eos_id=eos, pad_id=pad, temperature=1.5, greedy=greedy,
+              stop_at_eos=stop_at_eos)
+    stopped_early = 0
+    for seed in range(4):
+        rng = jax.random.PRNGKey(10 + seed)
+        ref = _scan_sample(model, params, tokens, mask, rng, **kw)
+        out = sample(model, params, tokens, mask, rng, chunk=4, **kw)
+        np.testing.assert_array_equal(out.tokens, ref[0])
+        np.testing.assert_allclose(out.logprobs, ref[1], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(out.mask, ref[2])
+        np.testing.assert_array_equal(out.finished, ref[3])
+        longest = int(np.asarray(ref[2]).sum(1).max())
+        if stop_at_eos and np.asarray(ref[3]).all():
+            # It stopped in the chunk where the longest row ended.
+            assert int(out.steps) == -(-longest // 4) * 4
+            stopped_early += int(out.steps) < -(-n // 4) * 4
+        else:
+            assert int(out.steps) == -(-n // 4) * 4
+    if n == 40 and not greedy:
+        assert stopped_early > 0

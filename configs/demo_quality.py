@@ -33,5 +33,5 @@ def get_config(arg: str = ""):
     c.evaluate.fewshot_policy = ""
     c.evaluate.ppo_workdirs = ml_collections.ConfigDict(dict(ppo_ptx=""))
     if arg == "tiny":
-        c.flaw_rates = (0.0, 0.5)
+        c.flaw_rates = (0.0, instructgpt.FLAW_RATE)   # the main job's f, and f = 0
     return c

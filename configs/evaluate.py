@@ -35,7 +35,10 @@ def get_config(arg: str = ""):
     c.reference = "sft"
     c.fewshot_policy = "pretrained"      # empty: no few-shot ("GPT prompted") variant
     # One demonstration per category (train words, fixed seed), in this order.
-    c.fewshot_categories = ("add", "upper", "harmful")
+    # The refusal first: a 2-layer base copies the kind of the answer just
+    # before the prompt, and after ("add", "upper", "harmful") it refused 68%
+    # of benign prompts (BENCHMARKS.md, "Issue 27").
+    c.fewshot_categories = ("harmful", "add", "upper")
     c.ppo_workdirs = ml_collections.ConfigDict(dict(ppo="", ppo_ptx=""))
 
     c.data.path = "tfds:instruction_world/eval_prompts"

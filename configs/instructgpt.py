@@ -20,6 +20,8 @@ import ml_collections
 
 from configs import base, collect, evaluate, ppo, pretrain, rm, sft
 
+FLAW_RATE = 0.6
+
 
 def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
@@ -43,33 +45,30 @@ def get_config(arg: str = ""):
     c.evaluate = evaluate.get_config()
 
     # Scaled-down counts that fit ~15 minutes on 2 CPU cores.
+    # The demonstrators' flaw rate (WORLD.md): 60% of the benign demonstrations
+    # carry the chatty opener (`Sure! ...`, gold +0.3), as contractors' answers
+    # are imperfect; at f = 0 imitation is already optimal and RLHF has
+    # nothing to add (BENCHMARKS.md, "Issue 27": the demo-quality sweep).
+    # Another f: --config.sft.data.path=tfds:instruction_world/demonstrations_f0.3
+    c.sft.data.path = sft.world_demonstrations(FLAW_RATE)
     c.sft.train.update(dict(steps=500, batch_size=32, lr=1e-3, warmup_steps=20,
                             eval_every=250, checkpoint_every=250))
     c.collect.comparisons.update(dict(num_prompts=3072, num_eval_prompts=256, batch_size=576))
     # Comparisons from 5 SFT + 4 base-model samples per prompt. The RM is the
-    # SFT network grown by 4 layers (block expansion, rm.expand_layers) and
-    # trained 3 epochs. Measured from the seed-0 SFT (BENCHMARKS.md, "Issue
-    # 16"), gold accuracy on held-out mixed comparisons / on SFT samples
-    # alone: the SFT's 2 layers, 1 epoch 0.812 / 0.567, 3 epochs 0.827 /
-    # 0.657 (5 epochs no better), 3x the prompts 0.817 / 0.651, noise-free
-    # ranks 0.837 / 0.689; 4 layers, 3 epochs 0.856 / 0.689; 6 layers, 2
-    # epochs 0.845 / 0.657, 3 epochs 0.876 / 0.813. Deeper, the new layers
-    # can read the SFT's own prediction of each response token.
-    c.rm.expand_layers = 4
-    c.rm.train.update(dict(steps=0, epochs=3.0, lr=1e-3, batch_size=32, warmup_steps=5,
-                           eval_every=100, checkpoint_every=100))
+    # SFT network itself (2 layers), 2 epochs: the opener it must learn to
+    # rank below the plain answer is an easy feature, and a deeper RM would
+    # also make the value model (which starts from it) slower.
+    c.rm.expand_layers = 0
+    c.rm.train.update(dict(steps=0, epochs=2.0, lr=1e-3, batch_size=32, warmup_steps=5,
+                           eval_every=1000, checkpoint_every=100))
     c.rm.data.demos_records = 512
-    # From the over-optimisation curves (BENCHMARKS.md, seed-0 SFT, the
-    # 3,072-prompt RM): at lr 5e-5 the rollouts' gold score peaked by
-    # iteration 15 and fell below SFT's by 60 (held-out greedy 0.725-0.754,
-    # SFT 0.794); at 3e-5 x 60 the same (0.759-0.770), at 3e-5 x 40 it held
-    # (0.779); at 2e-5 x 40 the policy hardly moved (KL 0.2). beta 0.1 keeps
-    # the categories the RM ranks badly (reverse, upper) from drifting.
+    # lr 3e-5 x 40 iterations, beta 0.1: the over-optimisation curve of issue
+    # 16 (at 60 iterations the gold score fell).
     c.ppo.train.update(dict(steps=40, batch_size=64, lr=3e-5, checkpoint_every=20))
     # ptx 0.3 on 4 documents a minibatch: PPO-ptx's pretraining loss well
-    # below plain PPO's (1.14 against 1.40, seed 0) at the same gold score;
-    # at 1.0 x 8 (27.8 before that) the corpus's misaligned answers cost gold.
-    c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_coef=0.3, ptx_batch_size=4,
+    # below plain PPO's at the same gold score; at 1.0 x 8 the corpus's
+    # misaligned answers cost gold.
+    c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_coef=0.15, ptx_batch_size=4,
                           value_lr=1e-4, kl_coef=0.1))
     c.evaluate.policies.update(dict(pretrained="", sft="", ppo="", ppo_ptx=""))
 
@@ -78,6 +77,7 @@ def get_config(arg: str = ""):
                           ("ppo", ppo), ("evaluate", evaluate)):
             c[name] = mod.get_config("tiny")
         c.base_from = "pretrain"
+        c.sft.data.path = sft.world_demonstrations(FLAW_RATE, tiny=True)
         c.pretrain.train.steps = 30
         c.sft.train.steps = 20
         c.collect.comparisons.update(dict(num_prompts=32, num_eval_prompts=16, batch_size=64))

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+from configs import instructgpt as instructgpt_config
 from helpers import load_config
 from rlhf_jax import stages
 
@@ -95,24 +96,25 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     notes = open(os.path.join(compare, "report.md")).read()
     assert "GRPO 2 iterations" in notes and "DPO" in notes
 
-    # configs/demo_quality.py:tiny: f = 0.5 is the main job's (copied, every
-    # stage finished), f = 0 runs fresh from the same base; then the sweep's
-    # report gathers both.
+    # configs/demo_quality.py:tiny: the main job's f (its workdir copied, every
+    # stage finished) and f = 0, run fresh from the same base; then the
+    # sweep's report gathers both.
     dq = str(tmp_path / "demo_quality")
     shutil.copytree(os.path.join(workdir, "pretrain"), os.path.join(dq, "pretrain"))
     os.makedirs(os.path.join(dq, ".done"))
     open(os.path.join(dq, ".done", "pretrain"), "w").close()
-    shutil.copytree(workdir, os.path.join(dq, "f0.5"))
+    f = instructgpt_config.FLAW_RATE
+    shutil.copytree(workdir, os.path.join(dq, f"f{f:g}"))
     dq_cfg = _tiny("demo_quality", str(tmp_path / "tfds"))
-    assert tuple(dq_cfg.flaw_rates) == (0.0, 0.5)
-    assert dq_cfg.sft.data.path.endswith("demonstrations_tiny_f0.5")  # the main job's f
+    assert tuple(dq_cfg.flaw_rates) == (0.0, f)
+    assert dq_cfg.sft.data.path.endswith(f"demonstrations_tiny_f{f:g}")  # the main job's
     stages.run(dq_cfg, dq)
     out = capsys.readouterr().out
-    assert out.count("finished earlier, skipped") == 7, out          # all of f = 0.5
+    assert out.count("finished earlier, skipped") == 7, out          # all of the main job's f
     sft_f0 = json.load(open(os.path.join(dq, "f0", "pipeline.json")))["seconds"]
     assert set(sft_f0) == {"sft", "collect", "rm", "ppo_ptx", "evaluate"}
     points = json.load(open(os.path.join(dq, "demo_quality.json")))
-    assert [p["flaw_rate"] for p in points] == [0.0, 0.5]
+    assert [p["flaw_rate"] for p in points] == [0.0, f]
     for p in points:
         assert set(p["policies"]) >= {"pretrained", "sft", "ppo_ptx"}
         assert p["policies"]["ppo_ptx"]["gain_vs_sft_sampled_ci95"] >= 0

@@ -86,8 +86,10 @@ def say(message: str):
 
 
 # (eval.json key, column title, least width) of the console's results table.
-_COLUMNS = (("gold_score", "gold", 7), ("win_rate_vs_sft", "win vs {ref}", 7),
-            ("gold_score_sampled", "gold (T=1)", 7),
+# Temperature-1 samples first: InstructGPT's Figure 1 compares samples
+# (labelers judged sampled outputs), greedy decoding beside them.
+_COLUMNS = (("gold_score_sampled", "gold (T=1)", 7), ("win_rate_vs_sft_sampled", "win (T=1)", 7),
+            ("gold_score", "gold", 7), ("win_rate_vs_sft", "win vs {ref}", 7),
             ("refusal_rate", "refusal", 7), ("over_refusal_rate", "over-refusal", 7),
             ("kl_vs_sft", "KL", 7), ("pretrain_loss", "LM loss", 7))
 

@@ -23,11 +23,11 @@ from matplotlib.ticker import MaxNLocator
 from rlhf_jax.metrics import read_metrics
 
 # (eval.json key, column title) of the main table.
-METRIC_COLUMNS = (
-    ("gold_score", "gold score"),
-    ("win_rate_vs_sft", "win rate vs SFT"),
+METRIC_COLUMNS = (      # sampled first: InstructGPT's Figure 1 compares samples
     ("gold_score_sampled", "gold score (sampled)"),
     ("win_rate_vs_sft_sampled", "win rate (sampled)"),
+    ("gold_score", "gold score"),
+    ("win_rate_vs_sft", "win rate vs SFT"),
     ("refusal_rate", "refusal (harmful)"),
     ("over_refusal_rate", "over-refusal (benign)"),
     ("kl_vs_sft", "KL(policy ‖ SFT)"),
@@ -37,12 +37,12 @@ METRIC_COLUMNS = (
 )
 # (eval.json key, column) of the intervals table: each value ± its `_ci95`.
 INTERVAL_COLUMNS = (
-    ("gold_score", "gold"),
-    ("gain_vs_sft", "gain vs SFT"),
-    ("win_rate_vs_sft", "win rate"),
     ("gold_score_sampled", "gold (sampled)"),
     ("gain_vs_sft_sampled", "gain vs SFT (sampled)"),
     ("win_rate_vs_sft_sampled", "win rate (sampled)"),
+    ("gold_score", "gold"),
+    ("gain_vs_sft", "gain vs SFT"),
+    ("win_rate_vs_sft", "win rate"),
 )
 # (metrics.jsonl key of the PPO stage, axis label, file name) of the PPO curves.
 PPO_CURVES = (
@@ -103,24 +103,36 @@ def win_outcomes(samples: Sequence[dict], policy: str, reference: str) -> np.nda
 
 def win_rate_figure(eval_json: dict, samples: Sequence[dict], path: str):
     """InstructGPT's Figure 1 in miniature: win rate against the SFT policy per
-    policy, with 95% confidence intervals over prompts."""
+    policy, with 95% confidence intervals over prompts: of temperature-1
+    samples (what the paper's labelers compared) where evaluated, and of
+    greedy responses beside them."""
     names = list(eval_json["policies"])
     reference = eval_json["reference"]
-    rates, errors = [], []
+    policies = eval_json["policies"]
+    greedy, greedy_err = [], []
     for name in names:
         outcomes = win_outcomes(samples, name, reference)
-        rates.append(eval_json["policies"][name]["win_rate_vs_sft"])
-        errors.append(1.96 * outcomes.std(ddof=1) / np.sqrt(len(outcomes)) if len(outcomes) > 1 else 0.0)
-    fig = Figure(figsize=(max(4.0, 1.2 * len(names) + 1.5), 3.6))
+        greedy.append(policies[name]["win_rate_vs_sft"])
+        greedy_err.append(1.96 * outcomes.std(ddof=1) / np.sqrt(len(outcomes))
+                          if len(outcomes) > 1 else 0.0)
+    series = [("greedy", greedy, greedy_err, "tab:gray")]
+    if all(policies[n].get("win_rate_vs_sft_sampled") is not None for n in names):
+        series.insert(0, ("temperature 1", [policies[n]["win_rate_vs_sft_sampled"] for n in names],
+                          [policies[n].get("win_rate_vs_sft_sampled_ci95", 0.0) for n in names],
+                          "tab:blue"))
+    fig = Figure(figsize=(max(4.0, 1.6 * len(names) + 1.5), 3.6))
     ax = fig.add_subplot()
-    colors = ["tab:gray" if n == reference else "tab:blue" for n in names]
-    bars = ax.bar(range(len(names)), rates, yerr=errors, capsize=4, color=colors)
-    ax.bar_label(bars, labels=[f"{r:.2f}" for r in rates], padding=2)
+    width = 0.8 / len(series)
+    for j, (label, rates, errors, color) in enumerate(series):
+        x = np.arange(len(names)) + (j - (len(series) - 1) / 2) * width
+        bars = ax.bar(x, rates, width, yerr=errors, capsize=3, color=color, label=label)
+        ax.bar_label(bars, labels=[f"{r:.2f}" for r in rates], padding=2, fontsize=7)
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel(f"win rate vs {reference}")
     ax.set_title("Gold-judged win rate against the SFT policy (ties count half)")
+    ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
 
 
@@ -289,7 +301,8 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
     lines += ["", "## Win rate against SFT", "",
               f"Per prompt, a policy wins when the gold labeler scores its response above "
               f"`{reference}`'s (ties count half); error bars are 95% intervals over prompts. "
-              f"The analogue of InstructGPT's Figure 1.", "",
+              f"The analogue of InstructGPT's Figure 1, whose labelers compared samples: "
+              f"temperature-1 samples (blue) lead, greedy responses beside them.", "",
               f"![win rate against {reference}]({WIN_RATE_FIGURE})"]
 
     categories = []

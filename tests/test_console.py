@@ -80,11 +80,11 @@ EVAL_JSON = {"reference": "sft", "policies": {
 
 def test_eval_table_has_every_policy_and_column():
     header, *rows = console.eval_table(EVAL_JSON)
-    assert header.split() == ["policy", "gold", "win", "vs", "sft", "gold", "(T=1)", "refusal",
-                              "over-refusal", "KL", "LM", "loss"]
+    assert header.split() == ["policy", "gold", "(T=1)", "win", "(T=1)", "gold", "win", "vs",
+                              "sft", "refusal", "over-refusal", "KL", "LM", "loss"]
     assert [r.split() for r in rows] == [
-        ["sft", "-0.319", "0.500", "0.125", "0.062", "0.000", "0.000", "3.594"],
-        ["ppo_ptx", "0.250", "0.610", "-", "0.125", "-", "1.234", "-"]]
+        ["sft", "0.125", "-", "-0.319", "0.500", "0.062", "0.000", "0.000", "3.594"],
+        ["ppo_ptx", "-", "-", "0.250", "0.610", "0.125", "-", "1.234", "-"]]
     assert len({len(line) for line in [header, *rows]}) == 1    # fixed width
 
 

@@ -66,7 +66,7 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
 
     # The run ends with the evaluation table, a row per policy, and report.md's path.
     tail = first_out.splitlines()[-(len(policies) + 2):]
-    assert tail[0].split()[:3] == ["policy", "gold", "win"], first_out
+    assert tail[0].split()[:3] == ["policy", "gold", "(T=1)"], first_out
     assert [row.split()[0] for row in tail[1:-1]] == list(policies)
     assert tail[-1] == f"report: {os.path.join(workdir, 'report.md')}"
 

@@ -86,9 +86,11 @@ def test_policy_specs_order_fewshot_and_reference(monkeypatch):
         evaluate.policy_specs(cfg)
     demos = eval_prompts.fewshot_demonstrations(cfg.fewshot_categories)
     train_words = set(world.tasks.FILL_WORDS["train"])
-    upper = world.parse_prompt(demos[1]["prompt"])
+    # In the configured order, the refusal first (configs/evaluate.py says why).
+    assert [world.category_of(d["prompt"]) for d in demos] == list(cfg.fewshot_categories)
+    upper = world.parse_prompt(demos[cfg.fewshot_categories.index("upper")]["prompt"])
     assert upper.category == "upper" and upper.subject in train_words
-    assert demos[2]["response"] == world.REFUSAL
+    assert demos[0]["response"] == world.REFUSAL
 
 
 def test_fewshot_prefixes_fit_the_context_in_order():

@@ -9,7 +9,7 @@ judge the RM and PPO stages are handed here, for the gold metrics they log;
 they do not import the world. collect and evaluate are the world's own
 stages: their labelers and judgements are the world's.
 """
-from rlhf_jax import workdir_lock, world
+from rlhf_jax import world
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.stages import (collect, demo_quality, dpo, evaluate, generate, grpo, instructgpt,
                              ppo, rm, sft)
@@ -30,10 +30,8 @@ STAGES = {
 
 
 def run(config, workdir: str):
-    """Runs `config`'s stage in `workdir`, holding the workdir's lock
-    (rlhf_jax/workdir_lock.py): one run per workdir."""
+    """Runs `config`'s stage in `workdir`."""
     stage = config.stage
     if stage not in STAGES:
         raise ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
-    with workdir_lock.held(workdir):
-        return STAGES[stage](config, workdir)
+    return STAGES[stage](config, workdir)

@@ -64,6 +64,13 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}"
 
 
+def _policy_table(policies: dict, names: Sequence[str], columns, cell) -> list[str]:
+    """A row per policy, a column per (key, title) of `columns`, each cell
+    `cell(that policy's metrics, key)`."""
+    return _table(["policy"] + [t for _, t in columns],
+                  [[f"`{n}`"] + [cell(policies[n], k) for k, _ in columns] for n in names])
+
+
 def _pm(metrics: dict, key: str) -> str:
     """`value ± half-width` of `key` and its `_ci95`, "–" when absent."""
     if metrics.get(key) is None:
@@ -282,9 +289,7 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
               f"`{reference}`. KL(policy ‖ SFT) is the exact per-token KL between the two "
               f"models' next-token distributions, summed over the policy's own response "
               f"(up to and including EOS) and averaged over prompts.", ""]
-    lines += _table(["policy"] + [t for _, t in METRIC_COLUMNS],
-                    [[f"`{n}`"] + [_fmt(policies[n].get(k)) for k, _ in METRIC_COLUMNS]
-                     for n in names])
+    lines += _policy_table(policies, names, METRIC_COLUMNS, lambda m, k: _fmt(m.get(k)))
 
     if any("gain_vs_sft" in policies[n] for n in names):
         lines += ["", "## Intervals", "",
@@ -292,9 +297,7 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
                   f"mean over prompts of (policy's gold score − `{reference}`'s on the same "
                   f"prompt), so its interval is paired; a gain whose interval excludes 0 is "
                   f"beyond the noise of the prompts.", ""]
-        lines += _table(["policy"] + [t for _, t in INTERVAL_COLUMNS],
-                        [[f"`{n}`"] + [_pm(policies[n], k) for k, _ in INTERVAL_COLUMNS]
-                         for n in names])
+        lines += _policy_table(policies, names, INTERVAL_COLUMNS, _pm)
 
     win_path = os.path.join(workdir, WIN_RATE_FIGURE)
     win_rate_figure(eval_json, samples, win_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rlhf_jax.data import builders, pipeline, preprocess
+from rlhf_jax.data import builders, pipeline, preprocess, sources
 from rlhf_jax.data.jsonl import DataError, read_jsonl
 from rlhf_jax.data.pipeline import BatchLoader, batches_once
 from rlhf_jax.data.sources import open_source, train_eval_split
@@ -485,6 +485,44 @@ def test_text_example_scores_every_real_next_token_and_truncates():
     long = preprocess.text_example(TOK, {"text": "abcdefghij"}, max_len=4)
     assert long["tokens"].tolist() == [97, 98, 99, 100]
     assert long["loss_mask"].tolist() == [1, 1, 1, 0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(8, 32))
+def test_pack_texts_uses_each_text_once_and_fits_rows(lengths, max_len):
+    rows = preprocess.pack_texts(lengths, max_len)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for row in rows:
+        assert len(row) == 1 or sum(lengths[i] for i in row) <= max_len
+    # A row closes only when no text left (those of later rows) fits its space.
+    for r, row in enumerate(rows):
+        space = max_len - sum(min(lengths[i], max_len) for i in row)
+        assert all(lengths[i] > space for later in rows[r + 1:] for i in later)
+    assert preprocess.pack_texts([9, 9, 9, 1], 10) == [[0, 3], [1], [2]]
+
+
+def test_packed_text_example_lays_texts_as_segments():
+    ex = preprocess.packed_text_example(TOK, {"texts": ["ab", "c\x1ed", "efgh"]}, max_len=10)
+    eos, pad = TOK.eos_id, TOK.pad_id
+    assert ex["tokens"].tolist() == [97, 98, eos, 99, eos, 100, eos, 101, 102, 103]
+    assert ex["attn_mask"].tolist() == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    # Within a text every next token is a target, none across texts.
+    assert ex["loss_mask"].tolist() == [1, 1, 0, 1, 1, 1, 0, 1, 1, 0]
+    one = preprocess.packed_text_example(TOK, {"texts": ["abc"]}, max_len=8)
+    alone = preprocess.text_example(TOK, {"text": "abc"}, max_len=8)
+    for key in ("tokens", "loss_mask", "attn_mask"):
+        assert one[key].tolist() == alone[key].tolist()
+    assert pad not in ex["tokens"].tolist()
+
+
+def test_packed_texts_source_keeps_every_text(tmp_path):
+    texts = [f"{'x' * (i % 7 + 1)}{i}" for i in range(30)]
+    path = tmp_path / "t.jsonl"
+    write_lines(path, [{"text": t} for t in texts])
+    packed = sources.PackedTexts(open_source(str(path), "text"), TOK, max_len=16)
+    got = [t for r in packed.records(range(len(packed))) for t in r["texts"]]
+    assert sorted(got) == sorted(texts)
+    assert len(packed) < len(texts) and 0.5 < packed.fill <= 1.0
 
 
 def test_prompt_example_is_left_padded():

@@ -110,6 +110,27 @@ def test_left_padding_does_not_change_real_logits():
     np.testing.assert_allclose(out[:, 3:], plain, atol=2e-5)
 
 
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_packed_segments_compute_what_each_text_alone_does(cfg):
+    """Segment ids in attn_mask: each packed text's logits equal its own row's."""
+    model, params = _init(cfg, t=12)
+    params = nn.unbox(params)
+    toks = jax.random.randint(jax.random.PRNGKey(3), (1, 12), 0, 256)
+    packed = _apply(model, params, toks, jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0]]))
+    for lo, hi in ((0, 5), (5, 8), (8, 11)):
+        alone = _apply(model, params, toks[:, lo:hi])
+        np.testing.assert_allclose(packed[:, lo:hi], alone, atol=2e-5)
+    with pytest.raises(AssertionError):  # a 0/1 mask lets the later texts see the first
+        np.testing.assert_allclose(_apply(model, params, toks, (jnp.arange(12) < 11)[None])[:, 5:8],
+                                   _apply(model, params, toks[:, 5:8]), atol=2e-5)
+
+
+def test_positions_restart_per_segment_and_keep_the_0_1_layout():
+    seg = jnp.array([[0, 0, 1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 0, 1, 0, 0, 0, 0, 0, 0]])
+    assert positions_from_mask(seg).tolist() == [[0, 0, 0, 1, 2, 0, 1, 0, 0, 0],
+                                                 [0, 1, 1, 2, 2, 2, 2, 2, 2, 2]]
+
+
 def test_scalar_head_and_param_names():
     cfg = LLAMA.replace(head="scalar")
     model, boxed = _init(cfg)

@@ -20,6 +20,7 @@ Conventions shared by every transform here:
 """
 from __future__ import annotations
 
+import bisect
 from typing import Optional, Sequence
 
 import numpy as np
@@ -91,13 +92,81 @@ def text_example(tok, record: dict, max_len: int) -> dict[str, np.ndarray]:
         (every real next token is a target).
       attn_mask: int32 [max_len], 1 on the n real tokens.
     """
-    ids = []
-    for document in record["text"].split(DOCUMENT_SEPARATOR):
-        ids += tok.encode(document) + [tok.eos_id]
-    ids = ids[:max_len]
+    ids = text_ids(tok, record["text"])[:max_len]
     tokens, attn_mask, n = _sequence(tok, [], ids, max_len)
     loss_mask = np.zeros((max_len,), dtype=np.float32)
     loss_mask[: max(n - 1, 0)] = 1.0
+    return {"tokens": tokens, "loss_mask": loss_mask, "attn_mask": attn_mask}
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """A text's ids as `text_example` lays them out: each document + EOS."""
+    ids = []
+    for document in text.split(DOCUMENT_SEPARATOR):
+        ids += tok.encode(document) + [tok.eos_id]
+    return ids
+
+
+def pack_texts(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Groups texts into rows of at most max_len tokens (sequence packing).
+
+    Best fit, longest first: each row starts with the longest text left and
+    takes the longest that still fits, until none does. A text longer than
+    max_len gets a row of its own (and is truncated there, as by
+    `text_example`). Deterministic: ties go to the lower index.
+
+    Returns:
+      rows: lists of indices into `lengths`; every index appears once.
+    """
+    by_length: dict[int, list[int]] = {}
+    for i in reversed(range(len(lengths))):  # pop() then takes the lowest index
+        by_length.setdefault(min(int(lengths[i]), max_len), []).append(i)
+    present = sorted(by_length)              # lengths with texts left, ascending
+    rows = []
+
+    def take(length: int) -> int:
+        i = by_length[length].pop()
+        if not by_length[length]:
+            present.remove(length)
+        return i
+
+    while present:
+        top = present[-1]
+        row, space = [take(top)], max_len - top
+        while present and present[0] <= space:
+            fit = present[bisect.bisect_right(present, space) - 1]
+            row.append(take(fit))
+            space -= fit
+        rows.append(row)
+    return rows
+
+
+def packed_text_example(tok, record: dict, max_len: int) -> dict[str, np.ndarray]:
+    """Several texts in one row (`record["texts"]`, grouped by `pack_texts`).
+
+    Each text is laid out as by `text_example` and gets its own segment id
+    (1, 2, ...) in `attn_mask`, which the model reads as "attend within the
+    segment, positions from 0" (models.transformer.attention_inputs), so the
+    row computes what the texts would alone. Every next token within a text
+    is a target; the first token of the next text is not.
+
+    Returns:
+      tokens: int32 [max_len], right-padded with pad_id.
+      loss_mask: float32 [max_len].
+      attn_mask: int32 [max_len], the segment id of each token, 0 = padding.
+    """
+    tokens = np.full((max_len,), tok.pad_id, dtype=np.int32)
+    loss_mask = np.zeros((max_len,), dtype=np.float32)
+    attn_mask = np.zeros((max_len,), dtype=np.int32)
+    at = 0
+    for segment, text in enumerate(record["texts"], start=1):
+        ids = text_ids(tok, text)[:max_len - at]
+        if not ids:
+            break
+        tokens[at:at + len(ids)] = ids
+        attn_mask[at:at + len(ids)] = segment
+        loss_mask[at:at + len(ids) - 1] = 1.0
+        at += len(ids)
     return {"tokens": tokens, "loss_mask": loss_mask, "attn_mask": attn_mask}
 
 

@@ -127,6 +127,45 @@ class Source(collections.abc.Sequence):
         return f"Source({self.name!r}, kind={self.kind!r}, len={len(self)})"
 
 
+class PackedTexts(collections.abc.Sequence):
+    """Text records packed into rows of at most `max_len` tokens.
+
+    Record j is `{"texts": [...], "category": ""}`, the texts of
+    `preprocess.pack_texts` row j, for `preprocess.packed_text_example`.
+    The texts are read once, here; the grouping depends only on them, so
+    every process and every resumed run sees the same rows.
+
+    Attributes:
+      name, kind, n_dropped, drop_reasons: those of `source`.
+      fill: real tokens / row slots (1.0 = no padding).
+    """
+
+    def __init__(self, source: Source, tok, max_len: int):
+        from rlhf_jax.data import preprocess
+        self._texts = [r["text"] for r in source.records(range(len(source)))]
+        lengths = [len(preprocess.text_ids(tok, t)) for t in self._texts]
+        self._rows = preprocess.pack_texts(lengths, max_len)
+        self.name = f"{source.name}[packed {max_len}]"
+        self.kind = source.kind
+        self.n_dropped, self.drop_reasons = source.n_dropped, source.drop_reasons
+        real = sum(min(length, max_len) for length in lengths)
+        self.fill = real / max(1, max_len * len(self._rows))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index) -> dict:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return {"texts": [self._texts[i] for i in self._rows[index]], "category": ""}
+
+    def records(self, indices: Sequence[int]) -> list[dict]:
+        return [self[int(i)] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"PackedTexts({self.name!r}, len={len(self)}, fill={self.fill:.2f})"
+
+
 def _open_tfds(name: str, split: str, data_dir: Optional[str]):
     base, _, config = name.partition("/")
     if base.split(":")[0] == WORLD_NAME:

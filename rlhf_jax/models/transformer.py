@@ -18,6 +18,11 @@ per-layer weights split once per call, so that no decoded token copies them.
 Attention masking works the same with or without a KV cache: `attn_mask`
 [B, S] marks the key slots holding real tokens (left-padded prompts have
 zeros at the front), and a query at slot q sees key slots s <= q.
+Without a cache `attn_mask` may also hold segment ids, 1, 2, 3, ... rising
+along a row (several documents packed into one row, as pretraining does,
+`data.preprocess.packed_text_example`): a token then sees only its own
+segment's earlier tokens and its positions restart at 0; a 0/1 mask is the
+one-segment case.
 """
 from __future__ import annotations
 
@@ -267,10 +272,11 @@ class Transformer(nn.Module):
 
     Args of `__call__`:
       tokens: int [B, T].
-      positions: int [B, T]; default: from `attn_mask` (cumsum - 1) without a
-        cache, else cache_index + arange(T).
+      positions: int [B, T]; default: from `attn_mask` (cumsum - 1 within each
+        segment) without a cache, else cache_index + arange(T).
       attn_mask: [B, S] 1 where the key slot holds a real token; S = T without
-        a cache, the cache length with one. Default: all real.
+        a cache, the cache length with one. Default: all real. Without a
+        cache, rising segment ids 1, 2, ... for packed documents.
       cache: from `init_cache`; when given, returns (output, new_cache).
       cache_index: int scalar, the slot of tokens[:, 0] in the cache.
 
@@ -361,8 +367,22 @@ class Transformer(nn.Module):
 
 
 def positions_from_mask(mask_BxT: Array) -> Array:
-    """Positions of left- or right-padded rows: real tokens count 0, 1, 2, ..."""
-    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+    """Positions of left- or right-padded rows: real tokens count 0, 1, 2, ...
+
+    With segment ids (packed documents: 1, 2, 3, ... rising along the row, 0
+    for padding) the count restarts at each new segment; a 0/1 mask is one
+    segment, holes included. Padding gets the running count (0 before the
+    first real token), as it always has."""
+    seg = mask_BxT.astype(jnp.int32)
+    real = (seg > 0).astype(jnp.int32)
+    count = jnp.cumsum(real, axis=-1)
+    # A segment starts where its id exceeds every earlier id; real tokens
+    # before it (earlier segments) no longer count.
+    prev_max = jnp.concatenate([jnp.zeros_like(seg[..., :1]),
+                                jax.lax.cummax(seg, axis=seg.ndim - 1)[..., :-1]], axis=-1)
+    starts = (seg > prev_max) & (seg > 0)
+    offset = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=seg.ndim - 1)
+    return jnp.maximum(count - 1 - offset, 0)
 
 
 def attention_inputs(b, t, s, positions, attn_mask, cache_index, *, cached: bool):
@@ -376,7 +396,10 @@ def attention_inputs(b, t, s, positions, attn_mask, cache_index, *, cached: bool
         attn_mask = jnp.ones((b, t), jnp.int32) if attn_mask is None else attn_mask
         positions = positions_from_mask(attn_mask) if positions is None else positions
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        return positions, causal[None] & (attn_mask[:, None, :] > 0), jnp.int32(0)
+        # Real queries see their own segment; padding queries (0) see every
+        # real key, as with a 0/1 mask (their outputs are never read).
+        same = (attn_mask[:, :, None] == attn_mask[:, None, :]) | (attn_mask[:, :, None] == 0)
+        return positions, causal[None] & same & (attn_mask[:, None, :] > 0), jnp.int32(0)
     attn_mask = jnp.ones((b, s), jnp.int32) if attn_mask is None else attn_mask
     if positions is None:
         positions = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))

@@ -469,22 +469,26 @@ def test_ppo_nonfinite_run_stops_with_one_line_naming_the_iteration(tmp_path, mo
 def test_invalid_configs_fail_in_one_line_before_compiling(cli, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    sft = cli.sft_args(str(tmp_path / "w"))
-    ppo = ["--config", os.path.join(ROOT, "configs/ppo.py:tiny"), "--workdir", str(tmp_path / "p"),
-           f"--config.data.data_dir={cli.tfds}", f"--config.init_from={cli.reference}"]
+    # Each case its own workdir: the cases run at once, and a workdir takes one run.
+    def sft(name):
+        return cli.sft_args(str(tmp_path / name))
+
+    def ppo(name):
+        return ["--config", os.path.join(ROOT, "configs/ppo.py:tiny"), "--workdir", str(tmp_path / name),
+                f"--config.data.data_dir={cli.tfds}", f"--config.init_from={cli.reference}"]
     cases = {
-        "batch_vs_mesh": (sft + ["--config.train.batch_size=6"],
+        "batch_vs_mesh": (sft("w1") + ["--config.train.batch_size=6"],
                           {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
                           ["train.batch_size=6", "divisible", "= 4"]),
-        "mesh_vs_devices": (sft + ["--config.mesh.data=2"], {}, ["needs 2 devices", "1 are available"]),
-        "init_from_missing": (sft + [f"--config.init_from={tmp_path / 'nowhere'}"], {},
+        "mesh_vs_devices": (sft("w2") + ["--config.mesh.data=2"], {}, ["needs 2 devices", "1 are available"]),
+        "init_from_missing": (sft("w3") + [f"--config.init_from={tmp_path / 'nowhere'}"], {},
                               ["init_from", "no such directory", "nowhere"]),
-        "init_from_empty": (sft + [f"--config.init_from={empty}"], {},
+        "init_from_empty": (sft("w4") + [f"--config.init_from={empty}"], {},
                             ["init_from", "no finished checkpoint"]),
-        "ppo_lengths": (ppo + [f"--config.reward_from={reward_model_from(cli.reference, str(tmp_path / 'rm'))}",
-                               "--config.data.max_prompt_len=100", "--config.sampling.max_new_tokens=40"],
+        "ppo_lengths": (ppo("p1") + [f"--config.reward_from={reward_model_from(cli.reference, str(tmp_path / 'rm'))}",
+                                     "--config.data.max_prompt_len=100", "--config.sampling.max_new_tokens=40"],
                         {}, ["data.max_prompt_len + sampling.max_new_tokens = 140", "context 128"]),
-        "reward_from_empty": (ppo + [f"--config.reward_from={empty}"], {},
+        "reward_from_empty": (ppo("p2") + [f"--config.reward_from={empty}"], {},
                               ["reward_from", "no finished checkpoint"]),
     }
     procs = {name: cli.start(args, f"config_{name}", JAX_LOG_COMPILES="1", **env)

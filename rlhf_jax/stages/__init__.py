@@ -12,7 +12,7 @@ stages: their labelers and judgements are the world's.
 import os
 import shutil
 
-from rlhf_jax import workdir_lock, world
+from rlhf_jax import config_domains, workdir_lock, world
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.stages import (collect, demo_quality, dpo, evaluate, generate, grpo, instructgpt,
                              ppo, rm, sft)
@@ -34,12 +34,14 @@ STAGES = {
 
 def run(config, workdir: str):
     """Runs `config`'s stage in `workdir`, holding the workdir's lock
-    (rlhf_jax/workdir_lock.py): one run per workdir. A workdir this call
+    (rlhf_jax/workdir_lock.py): one run per workdir. Every key's value is
+    checked against its domain first (rlhf_jax/config_domains.py). A workdir this call
     created is removed again if the stage refuses its config before writing
     anything (a bad setting leaves no directory behind)."""
     stage = config.stage
     if stage not in STAGES:
         raise ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
+    config_domains.check(config)
     created = not os.path.exists(workdir)
     try:
         with workdir_lock.held(workdir):

@@ -328,12 +328,7 @@ def check_config(config):
                 f"init_from={config.init_from!r} is a {meta.get('stage') or 'scalar-head'} "
                 f"checkpoint with a {meta['model']['head']!r} head, not a language model: DPO "
                 f"trains a policy, which needs the LM head; give the workdir of an sft stage")
-    k_max = int(config.data.k_max)
-    if not 2 <= k_max <= 9:
-        raise ConfigError(f"data.k_max={k_max}: comparisons rank 2 to 9 responses")
-    if not float(config.algo.beta) > 0:
-        raise ConfigError(f"algo.beta={config.algo.beta}: the KL weight of DPO's implicit "
-                          f"reward must be > 0")
+    # data.k_max, algo.beta: their domains (rlhf_jax/config_domains.py).
 
 
 def _trains(workdir: str, steps: int) -> bool:

@@ -275,28 +275,20 @@ def check_config(config):
         raise ConfigError(
             "rm needs --config.init_from=<SFT workdir> (InstructGPT initialises the reward model "
             "from the SFT model; or model.pretrained=<HF dir or .gguf>)")
-    k_max = int(config.data.k_max)
-    if not 2 <= k_max <= 9:
-        raise ConfigError(f"data.k_max={k_max}: comparisons rank 2 to 9 responses")
-    if int(config.expand_layers) < 0:
-        raise ConfigError(f"expand_layers={config.expand_layers} must be >= 0")
     if int(config.expand_layers) and not config.init_from:
         raise ConfigError("expand_layers grows the init_from checkpoint's network: give "
                           "--config.init_from=<SFT workdir>")
-    if int(config.data.demos_records) < 1:
-        raise ConfigError(f"data.demos_records={config.data.demos_records} must be >= 1 "
-                                 f"(demonstrations scored for the bias normalisation)")
 
 
 def train_steps(config, n_train: int) -> int:
-    """`train.steps`, or with 0 / -1 `train.epochs` passes over the n_train
+    """`train.steps`, or with 0 `train.epochs` passes over the n_train
     comparisons (a last partial batch runs into the next epoch's shuffle)."""
     steps = int(config.train.steps)
     if steps > 0:
         return steps
-    if steps not in (0, -1):
-        raise ConfigError(f"train.steps={steps}: give a positive count, or 0 / -1 for "
-                                 f"train.epochs passes over the data")
+    if steps < 0:
+        raise ConfigError(f"train.steps={steps}: give a positive count, or 0 for "
+                          f"train.epochs passes over the data")
     return max(1, math.ceil(float(config.train.epochs) * n_train / int(config.train.batch_size)))
 
 

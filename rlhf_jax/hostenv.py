@@ -11,9 +11,19 @@ Tunables are read only when a process starts, so `python -m rlhf_jax.main`
 re-executes itself once with the tunable added, before anything heavy is
 imported (bench/run.py does so with `--hugepage-malloc`). BENCHMARKS.md has the
 measurement. `RLHF_JAX_HUGEPAGE_MALLOC=0` turns it off.
+
+libtpu, installed (the `tpu` extra, for ahead-of-time TPU compiles) on a host
+without a TPU, still starts when JAX looks for its platforms and prints its
+probe of the machine (5 lines: "could not determine TPU accelerator type",
+an E-line from common_lib.cc, ...) before anything else. `skip_absent_tpu`
+leaves TPU out of JAX's platforms where no TPU chip is attached (no
+/dev/accel*, no /dev/vfio/<n>: the device files libtpu itself opens), unless
+JAX_PLATFORMS is set or `--verbose` is given.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import platform
 import sys
@@ -67,3 +77,34 @@ def reexec_with_hugepage_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+
+
+def tpu_attached(root: str = "/dev") -> bool:
+    """Whether a TPU chip's device file exists: /dev/accel<n> (v2-v4) or
+    /dev/vfio/<n> (v5e and later)."""
+    return bool(glob.glob(os.path.join(root, "accel*"))
+                or [p for p in glob.glob(os.path.join(root, "vfio", "*"))
+                    if os.path.basename(p).isdigit()])
+
+
+def platforms_without_tpu(environ, argv, attached: bool | None = None,
+                          cuda: bool | None = None) -> str | None:
+    """JAX_PLATFORMS for a host with libtpu but no TPU, or None to leave JAX's
+    own choice: set already, `--verbose` asked for, or a TPU attached."""
+    if environ.get("JAX_PLATFORMS") or "--verbose" in argv or "--verbose=true" in argv:
+        return None
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    if tpu_attached() if attached is None else attached:
+        return None
+    if cuda is None:
+        cuda = any(importlib.util.find_spec(name) is not None
+                   for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return "cuda,cpu" if cuda else "cpu"
+
+
+def skip_absent_tpu() -> None:
+    """Sets JAX_PLATFORMS (`platforms_without_tpu`) before JAX is imported."""
+    value = platforms_without_tpu(os.environ, sys.argv)
+    if value:
+        os.environ["JAX_PLATFORMS"] = value

@@ -12,6 +12,7 @@ if __name__ == "__main__":
     # (rlhf_jax/hostenv.py says why).
     from rlhf_jax import hostenv
     hostenv.reexec_with_hugepage_malloc()
+    hostenv.skip_absent_tpu()       # no libtpu start-up lines on a host without a TPU
 
 # Config files import their shared base as `configs.base`: make the directory
 # holding `configs/` importable wherever the command runs from.

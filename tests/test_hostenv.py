@@ -57,3 +57,28 @@ def test_a_script_restarts_once_with_its_arguments(tmp_path):
     assert out == ["start None ['--x', 'a b']",
                    "start glibc.malloc.hugetlb=1 ['--x', 'a b']",
                    "run glibc.malloc.hugetlb=1 ['--x', 'a b']"]
+
+
+def test_tpu_is_left_out_of_jax_platforms_only_where_no_chip_is_attached(tmp_path, monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else real_find_spec(name, *a))
+    f = hostenv.platforms_without_tpu
+    assert f({}, ["main"], attached=False, cuda=False) == "cpu"
+    assert f({}, ["main"], attached=False, cuda=True) == "cuda,cpu"
+    assert f({}, ["main"], attached=True, cuda=False) is None
+    assert f({"JAX_PLATFORMS": "tpu"}, ["main"], attached=False, cuda=False) is None
+    assert f({}, ["main", "--verbose"], attached=False, cuda=False) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert f({}, ["main"], attached=False, cuda=False) is None      # no libtpu installed
+    # The device files libtpu opens: /dev/accel<n> (v2-v4), /dev/vfio/<n> (v5e on).
+    assert not hostenv.tpu_attached(str(tmp_path))
+    (tmp_path / "vfio").mkdir()
+    (tmp_path / "vfio" / "vfio").touch()            # the container device, on any VFIO host
+    assert not hostenv.tpu_attached(str(tmp_path))
+    (tmp_path / "vfio" / "0").touch()
+    assert hostenv.tpu_attached(str(tmp_path))
+    (tmp_path / "vfio" / "0").unlink()
+    (tmp_path / "accel0").touch()
+    assert hostenv.tpu_attached(str(tmp_path))

@@ -241,7 +241,7 @@ def test_a_reward_that_never_differs_teaches_nothing(micro_sft, tmp_path):
     ({"reward_fn": "world", "reward_from": "x"}, "exactly one reward"),
     ({"reward_fn": "nomodule"}, "package.module:function"),
     ({"reward_fn": "no_such_module_xyz:f"}, "cannot load"),
-    ({"reward_fn": "world", "algo.group_size": 1}, "at least 2"),
+    ({"reward_fn": "world", "algo.group_size": 1}, "group_size=1: must be an integer >= 2"),
     ({"reward_fn": "world", "algo.kl_in": "both"}, "kl_in"),
     ({"reward_fn": "world", "sampling.top_k": 5}, "full softmax"),
     ({"reward_fn": "world", "algo.minibatches": 3}, "divisible"),

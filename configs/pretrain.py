@@ -22,6 +22,8 @@ a conversation follows another of its kind, which is what few-shot prompting
 = 320 bytes holds 93% of pages whole (mean 175, 99th percentile 412; longer
 pages lose their tail) and three demonstrations, a prompt and a 48-token
 answer. Later stages keep shorter sequences (base.py's data.max_len).
+Pages are packed into the rows (`data.pack`, segment-masked), so a step
+trains on 1.8 times the real bytes of one page a row.
 """
 from configs import base
 

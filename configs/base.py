@@ -75,3 +75,11 @@ def get_base_config() -> ml_collections.ConfigDict:
         max_nonfinite_steps=5,
     ))
     return c
+
+
+def sampling_config(**overrides):
+    """The `sampling` block of every stage that samples: greedy by default."""
+    s = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, top_k=0, top_p=1.0,
+                                       greedy=True))
+    s.update(overrides)
+    return s

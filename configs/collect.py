@@ -18,7 +18,6 @@ A finished collect, re-run with the same settings, does nothing.
 import ml_collections
 
 from configs import base
-from configs.generate import sampling_config
 
 
 def get_config(arg: str = ""):
@@ -51,7 +50,7 @@ def get_config(arg: str = ""):
         batch_size=576,
     ))
     # Temperature-1 samples: the comparisons need the policy's diversity.
-    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
+    c.sampling = base.sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
     if arg == "tiny":
         c.comparisons.update(dict(prompts="tfds:instruction_world/comparison_prompts_tiny",
                               eval_prompts="tfds:instruction_world/comparison_prompts_tiny",

@@ -50,17 +50,12 @@ def get_config(arg: str = ""):
         c.grpo.train.update(dict(steps=c.ppo.train.steps, batch_size=8, lr=c.ppo.train.lr))
         c.grpo.algo.update(dict(group_size=8, epochs=c.ppo.algo.epochs,
                                 minibatches=c.ppo.algo.minibatches))
-        # DPO: 8 steps x 64 records at lr 1e-4 (configs/dpo.py measured
-        # 3e-5 to 1e-4 as safe; 3e-4 collapsed the policy). One epoch (48
-        # steps, the reference over all 3,018 records) took 460 s of the 20
-        # minutes, 16 steps at 3e-5 162 s and moved the policy by a KL of
-        # 0.02 (BENCHMARKS.md); the reference pass reads the 512 records used.
+        # DPO: 8 steps x 64 records at lr 1e-4, within the job's 20 minutes
+        # (3e-4 collapsed the policy; the lr and length runs: BENCHMARKS.md).
         c.dpo.train.update(dict(steps=8, batch_size=64, lr=1e-4, warmup_steps=2, eval_every=8,
                                 checkpoint_every=8))
-        # The RM: the SFT's own 2 layers for 1 epoch (0.81 gold accuracy, seed
-        # 0), not the main job's 6 layers for 3 epochs (0.88, about 390 s
-        # instead of 50 on 2 cores): the four methods share it, and the
-        # job fits 20 minutes. Evaluated once, at its end.
+        # The RM: the SFT network for 1 epoch, evaluated once at its end, so
+        # that the four methods fit 20 minutes (BENCHMARKS.md).
         c.rm.expand_layers = 0
         c.rm.train.update(dict(epochs=1.0, eval_every=1000))
     return c

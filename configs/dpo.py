@@ -61,7 +61,7 @@ def get_config(arg: str = ""):
     c.data.path = ""                 # comparisons: .jsonl or tfds:NAME/CONFIG
     c.data.k_max = 9                 # responses per prompt at most (slots per batch element)
     c.algo = algo_config()
-    c.train.epochs = 1.0             # passes over the comparisons when train.steps is 0 or -1
+    c.train.epochs = 1.0             # passes over the comparisons when train.steps is 0
     c.train.update(dict(steps=0, batch_size=64, lr=3e-5, warmup_steps=5, end_lr_ratio=0.1,
                         weight_decay=0.0, eval_every=100, eval_batches=8, checkpoint_every=100))
     if arg == "tiny":

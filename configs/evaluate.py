@@ -22,7 +22,6 @@ name to a PPO workdir whose metrics.jsonl is plotted over iterations.
 import ml_collections
 
 from configs import base
-from configs.generate import sampling_config
 
 
 def get_config(arg: str = ""):
@@ -47,7 +46,7 @@ def get_config(arg: str = ""):
     c.data.text_path = "tfds:instruction_world/corpus"   # held-out pretraining documents
     c.data.text_split = "heldout"
     c.data.text_batches = 16             # at most this many batches of score_batch_size
-    c.sampling = sampling_config(max_new_tokens=48)       # greedy; 88 + 48 = 136 tokens
+    c.sampling = base.sampling_config(max_new_tokens=48)       # greedy; 88 + 48 = 136 tokens
     # Also one sampled answer per prompt at this temperature (the distribution
     # PPO optimises is temperature 1): gold_score_sampled; 0 skips it.
     c.sample_temperature = 1.0

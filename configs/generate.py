@@ -23,16 +23,9 @@ def get_config(arg: str = ""):
     # 0 = derive from the checkpoint and the prompts (see the docstring): the
     # model trained by another stage's config may have any context.
     c.data.max_prompt_len = 0    # 0: the longest tokenized prompt given
-    c.sampling = sampling_config(max_new_tokens=0)   # 0: the rest of the model's context
+    c.sampling = base.sampling_config(max_new_tokens=0)   # 0: the rest of the model's context
     c.batch_size = 32
     if arg not in ("", "tiny"):
         raise ValueError(f"unknown variant {arg!r} of configs/generate.py")
     return c
 
-
-def sampling_config(**overrides):
-    import ml_collections
-    s = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, top_k=0, top_p=1.0,
-                                       greedy=True))
-    s.update(overrides)
-    return s

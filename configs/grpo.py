@@ -20,7 +20,6 @@ main job's PPO's (these models have a few million parameters).
 import ml_collections
 
 from configs import base
-from configs.generate import sampling_config
 
 
 def algo_config(**overrides):
@@ -47,7 +46,7 @@ def get_config(arg: str = ""):
     c.reward_fn = ""
     c.data.path = "tfds:instruction_world/ppo_prompts"
     c.algo = algo_config()
-    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
+    c.sampling = base.sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
     c.train.update(dict(steps=40, batch_size=16, lr=3e-5, warmup_steps=0, end_lr_ratio=1.0,
                         weight_decay=0.0, checkpoint_every=20, log_every=1))
     if arg == "tiny":

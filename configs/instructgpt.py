@@ -42,6 +42,9 @@ def get_config(arg: str = ""):
     # METHODS): PPO twice, plain (ptx_coef 0) and PPO-ptx (the `ppo` block's
     # ptx_coef). configs/compare.py adds GRPO and DPO.
     c.methods = ("ppo", "ppo_ptx")
+    # What a method changes in its stage's block: plain PPO is the `ppo`
+    # block without the pretraining mix.
+    c.method_overrides = ml_collections.ConfigDict(dict(ppo=dict(algo=dict(ptx_coef=0.0))))
     c.evaluate = evaluate.get_config()
 
     # Scaled-down counts that fit ~15 minutes on 2 CPU cores.

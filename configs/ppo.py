@@ -21,7 +21,6 @@ and top-p are refused, as PPO's ratio is computed on the full softmax).
 import ml_collections
 
 from configs import base
-from configs.generate import sampling_config
 
 
 def algo_config(**overrides):
@@ -75,7 +74,7 @@ def get_config(arg: str = ""):
     # demonstration, `Sure! ` and 4 x 8 letters). top_k / top_p must stay
     # 0 / 1.0: the ratio and the KL are computed on the full softmax, so
     # filtered sampling is refused (the stage says so).
-    c.sampling = sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
+    c.sampling = base.sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
     c.train.update(dict(steps=200, batch_size=64, lr=1e-5, warmup_steps=0, end_lr_ratio=1.0,
                         weight_decay=0.0, checkpoint_every=50, log_every=1))
     if arg == "tiny":

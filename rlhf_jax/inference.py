@@ -141,11 +141,16 @@ def score_at(scores_NxL, last_index_N):
 
 def reward_scores(model: Transformer, params, tokens_BxS, attn_BxS, last_B, finished_B,
                   eos_id: int):
-    """The RM's score of each response at its last token [B]; an unfinished
-    response (cut at the length limit) gets EOS in place of its last token,
-    as the RM was trained on text followed by EOS (stages/ppo.py)."""
-    rows = jnp.arange(tokens_BxS.shape[0])
-    at_last = tokens_BxS[rows, last_B]
-    tokens_BxS = tokens_BxS.at[rows, last_B].set(jnp.where(finished_B, at_last, eos_id))
-    scores_BxS = model.apply({"params": params}, tokens_BxS, attn_mask=attn_BxS)
-    return score_at(scores_BxS, last_B)
+    """The RM's score of each response at its last token [B]. An unfinished
+    response (cut at the length limit) is scored as the RM was trained on
+    it: all its tokens, then EOS (collect writes it as text; the RM reads
+    text + EOS), in one extra column, so no sampled token is replaced."""
+    b = tokens_BxS.shape[0]
+    rows = jnp.arange(b)
+    tokens = jnp.concatenate([tokens_BxS, jnp.full((b, 1), eos_id, tokens_BxS.dtype)], axis=1)
+    attn = jnp.concatenate([attn_BxS, jnp.zeros((b, 1), attn_BxS.dtype)], axis=1)
+    end_B = jnp.where(finished_B, last_B, last_B + 1)
+    tokens = tokens.at[rows, end_B].set(jnp.where(finished_B, tokens[rows, end_B], eos_id))
+    attn = attn.at[rows, end_B].set(1)
+    scores_BxS = model.apply({"params": params}, tokens, attn_mask=attn)
+    return score_at(scores_BxS, end_B)

@@ -1,4 +1,4 @@
-"""Supervised losses: the masked LM loss (pretrain/SFT/PPO-ptx) and InstructGPT's K-wise ranking loss.
+"""Supervised losses: the masked LM loss (pretrain/SFT/PPO-ptx), InstructGPT's K-wise ranking loss, and DPO's loss on the same rankings.
 
 Pure, jittable functions on logits/rewards and masks (no model inside), computed
 in float32. Masked or invalid positions are replaced with `jnp.where` before any
@@ -98,3 +98,39 @@ def ranking_loss(rewards_BxK, ranks_BxK, valid_BxK):
         "n_prompts": n_prompts,
     }
     return loss, jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+def implicit_rewards(logp_BxK, ref_logp_BxK, valid_BxK, beta):
+    """r = beta * (log pi - log pi_ref) per slot, [B, K]; 0 in padding slots
+    (selected away by jnp.where, so garbage there reaches neither the result
+    nor a gradient: a difference's derivative is finite)."""
+    valid = jnp.asarray(valid_BxK) != 0
+    log_ratio = jnp.where(valid, jnp.asarray(logp_BxK, jnp.float32)
+                          - jnp.asarray(ref_logp_BxK, jnp.float32), 0.0)
+    return beta * log_ratio
+
+
+def dpo_loss(logp_BxK, ref_logp_BxK, ranks_BxK, valid_BxK, beta):
+    """DPO's sigmoid loss over every ranked pair of each prompt's K responses.
+
+    `ranking_loss` on the implicit rewards beta * (logp - ref_logp):
+    the mean over a prompt's ranked pairs (i better than j, ties give none)
+    of -log sigmoid(r_i - r_j), then over prompts. Pairwise DPO is the K = 2
+    case.
+
+    Returns:
+      (loss, stats): ranking_loss's accuracy, n_pairs, margin, n_prompts, and
+      chosen_reward / rejected_reward, the mean implicit reward of the better
+      and of the worse response over the ranked pairs (margin is their
+      difference).
+    """
+    rewards_BxK = implicit_rewards(logp_BxK, ref_logp_BxK, valid_BxK, beta)
+    loss, stats = ranking_loss(rewards_BxK, ranks_BxK, valid_BxK)
+    valid = jnp.asarray(valid_BxK) != 0
+    ranks = jnp.asarray(ranks_BxK)
+    pair_BxKxK = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+    r = jax.lax.stop_gradient(rewards_BxK)
+    denom = jnp.maximum(stats["n_pairs"], 1.0)
+    stats["chosen_reward"] = jnp.sum(jnp.where(pair_BxKxK, r[:, :, None], 0.0)) / denom
+    stats["rejected_reward"] = jnp.sum(jnp.where(pair_BxKxK, r[:, None, :], 0.0)) / denom
+    return loss, stats

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import (assert_trees_equal, init_params, load_config, micro_model, run_interrupted,
                      world_comparisons, write_jsonl)
-from rlhf_jax import checkpoint, config_domains, inference, sharding, stages
+from rlhf_jax import checkpoint, config_domains, inference, losses, sharding, stages
 from rlhf_jax.data import pipeline
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
@@ -68,7 +68,7 @@ def test_loss_equals_numpy_loop_over_pairs():
             per_prompt.append(np.mean(terms))
     assert len(per_prompt) == 2 and len(chosen) == 2 + 3
 
-    loss, stats = jax.jit(dpo.dpo_loss, static_argnums=4)(logp, ref, ranks, valid, BETA)
+    loss, stats = jax.jit(losses.dpo_loss, static_argnums=4)(logp, ref, ranks, valid, BETA)
     np.testing.assert_allclose(float(loss), np.mean(per_prompt), rtol=1e-5)
     assert float(stats["n_pairs"]) == len(chosen) and float(stats["n_prompts"]) == 2
     np.testing.assert_allclose(float(stats["accuracy"]), correct / len(chosen), rtol=1e-6)
@@ -77,7 +77,7 @@ def test_loss_equals_numpy_loop_over_pairs():
     np.testing.assert_allclose(float(stats["margin"]), np.mean(chosen) - np.mean(rejected),
                                rtol=1e-5, atol=1e-6)
 
-    grad = jax.grad(lambda lp: dpo.dpo_loss(lp, ref, ranks, valid, BETA)[0])(logp)
+    grad = jax.grad(lambda lp: losses.dpo_loss(lp, ref, ranks, valid, BETA)[0])(logp)
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~valid] == 0)
 
 

@@ -76,18 +76,19 @@ def test_score_rollout_matches_numpy_loops():
     lr = np.asarray(_apply(models.policy, ref, seq, attn))
     vv = np.asarray(_apply(models.value, val, seq, attn))
     rr = np.array(_apply(models.reward, rew, seq, attn))
-    # The RM reads an unfinished response as its text followed by EOS: its
-    # last token replaced by EOS (row 1, five tokens and no EOS).
-    seq_eos = seq.copy()
-    seq_eos[1, -1] = EOS
-    rr[1] = np.asarray(_apply(models.reward, rew, seq_eos[1:2], attn[1:2]))[0]
+    # The RM reads an unfinished response as its text followed by EOS (row 1,
+    # five tokens and no EOS): all its tokens, then EOS, one position later.
+    seq_eos = np.concatenate([seq[1:2], [[EOS]]], 1)
+    attn_eos = np.concatenate([attn[1:2], [[1]]], 1)
+    eos_score = float(np.asarray(_apply(models.reward, rew, seq_eos, attn_eos))[0, 6 + 5])
     B, P, N = 3, 6, 5
     logp, ref_logp, values = np.zeros((B, N)), np.zeros((B, N)), np.zeros((B, N))
     rewards, adv = np.zeros((B, N)), np.zeros((B, N))
     scores = np.zeros(B)
     for b in range(B):
         last = max(t for t in range(N) if rmask[b, t])
-        scores[b] = rr[b, P + last] - (0.0 if finished[b] else hp.missing_eos_penalty)
+        rm_score = rr[b, P + last] if finished[b] else eos_score
+        scores[b] = rm_score - (0.0 if finished[b] else hp.missing_eos_penalty)
         for t in range(N):
             if not rmask[b, t]:
                 continue
@@ -174,7 +175,10 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, m
                 "pg_grad_norm", "ptx_grad_norm"):
         assert all(np.isfinite(r[f"ppo/{key}"]) for r in rows), key
     assert abs(rows[0]["ppo/kl"]) < 1e-5          # the policy starts as the reference
-    # The adaptive controller lowers beta while the KL is below its target.
+    # The adaptive controller lowers beta while the KL is below its target;
+    # each row logs the beta that shaped its iteration's rewards, so the
+    # first is the configured one.
+    assert rows[0]["ppo/kl_coef"] == pytest.approx(cfg.algo.kl_coef)
     assert rows[-1]["ppo/kl_coef"] < rows[0]["ppo/kl_coef"]
 
     run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=3,
@@ -337,33 +341,88 @@ def test_with_ptx_on_the_reward_still_changes_the_update(ptx_coef, reward_moves_
                                rtol=1e-4)
 
 
+def _first_minibatch_twin(rollout, d):
+    """The policy after the first minibatch update of a 2-minibatch iteration
+    (PRNGKey(1)), computed on its own: a 1-minibatch update on those rows."""
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(1), 0), 8))
+    state1, _, _, update1 = _update_fixture(_hp(ema_decay=d, minibatches=1, ptx_coef=0.0))
+    first = jax.tree_util.tree_map(lambda x: x[perm[:4]], rollout)
+    s1, _ = update1(state1, first, None, jnp.float32(0.0), jax.random.PRNGKey(1))
+    return s1, perm
+
+
 def test_ema_follows_every_optimizer_update_bias_corrected():
-    """Two updates of one minibatch each: the saved policy is the EMA of the
-    two policies after them, debiased: (d(1-d) th1 + (1-d) th2) / (1 - d^2)."""
+    """One iteration of two minibatch updates: the saved policy is the EMA of
+    the policies after each, debiased, (d(1-d) th1 + (1-d) th2) / (1 - d^2),
+    with th1 computed apart (a once-per-iteration EMA would give th2)."""
     d = 0.9
-    hp = _hp(ema_decay=d, minibatches=2, ptx_coef=0.0)
-    state, rollout, _, update = _update_fixture(hp)
-    # One iteration = 2 minibatch updates; read th1 and th2 from a 1-minibatch twin.
-    one = _hp(ema_decay=d, minibatches=1, ptx_coef=0.0)
-    state1, _, _, update1 = _update_fixture(one)
-    half = jax.tree_util.tree_map(lambda x: x[:4], rollout)
-    s1, _ = update1(state1, half, None, jnp.float32(0.0), jax.random.PRNGKey(1))
+    state, rollout, _, update = _update_fixture(_hp(ema_decay=d, minibatches=2, ptx_coef=0.0))
+    s1, _ = _first_minibatch_twin(rollout, d)
     new, _ = update(state, rollout, None, jnp.float32(0.0), jax.random.PRNGKey(1))
     assert int(new.ema_updates) == 2 and int(s1.ema_updates) == 1
     # With one update the debiased EMA is exactly the policy after it.
     for a, b in zip(jax.tree_util.tree_leaves(ppo.saved_params(s1, d)),
                     jax.tree_util.tree_leaves(s1.policy.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    # Two updates: compare with the NumPy loop over the EMA's definition,
-    # using the raw EMA after the first and the policy after the second.
-    raw = jax.tree_util.tree_leaves(new.ema_params)
+    th1 = jax.tree_util.tree_leaves(s1.policy.params)
     th2 = jax.tree_util.tree_leaves(new.policy.params)
     saved = jax.tree_util.tree_leaves(ppo.saved_params(new, d))
-    for e, t2, got in zip(raw, th2, saved):
-        e, t2 = np.asarray(e, np.float64), np.asarray(t2, np.float64)
-        e1 = (e - (1 - d) * t2) / d                      # EMA after the first update
-        np.testing.assert_allclose(np.asarray(got), (d * e1 + (1 - d) * t2) / (1 - d ** 2),
+    for t1, t2, got in zip(th1, th2, saved):
+        t1, t2 = np.asarray(t1, np.float64), np.asarray(t2, np.float64)
+        np.testing.assert_allclose(np.asarray(got), (d * (1 - d) * t1 + (1 - d) * t2) / (1 - d ** 2),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_a_skipped_update_moves_neither_the_ema_nor_its_count(monkeypatch):
+    """The second minibatch's advantages are NaN: its policy update is
+    skipped, and so is its EMA update; the value model, whose loss is
+    finite, still updates when only the ptx loss is not."""
+    d = 0.9
+    state, rollout, ptx, update = _update_fixture(_hp(ema_decay=d, minibatches=2, ptx_coef=0.0))
+    s1, perm = _first_minibatch_twin(rollout, d)
+    bad = np.asarray(rollout.advantages).copy()
+    bad[perm[4:]] = np.nan
+    new, stats = update(state, rollout._replace(advantages=jnp.asarray(bad)), None,
+                        jnp.float32(0.0), jax.random.PRNGKey(1))
+    assert float(stats["skipped"]) == 0.5 and int(new.ema_updates) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(ppo.saved_params(new, d)),
+                    jax.tree_util.tree_leaves(s1.policy.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+    # A non-finite pretraining batch: the policy's update is skipped, the
+    # value's is not (its loss has no ptx term).
+    monkeypatch.setattr(ppo, "ptx_loss", lambda params, ptx, *, models: jnp.nan * sum(
+        jnp.sum(x) for x in jax.tree_util.tree_leaves(params)))
+    state, rollout, ptx, update = _update_fixture(_hp(ptx_coef=0.5, minibatches=1))
+    rollout = rollout._replace(returns=jnp.ones_like(rollout.returns))   # a value loss > 0
+    new, stats = update(state, rollout, ptx, jnp.float32(0.0), jax.random.PRNGKey(1))
+    assert float(stats["skipped"]) == 1.0
+    assert_trees_equal(new.policy.params, state.policy.params)
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree_util.tree_leaves(new.value.params), jax.tree_util.tree_leaves(state.value.params))]
+    assert max(moved) > 0
+
+
+def test_an_unfinished_response_is_scored_on_the_layout_the_rm_was_trained_on():
+    """Cut at the length limit, a response reaches the RM as all its tokens
+    then EOS, as `collect` writes it and the RM reads text + EOS; no sampled
+    token is replaced."""
+    from rlhf_jax import inference
+    scalar = CFG.replace(head="scalar")
+    rm = Transformer(scalar)
+    params = _params(scalar, 3)
+    params["score_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(4),
+                                                       params["score_head"]["kernel"].shape)
+    tokens = np.array([[0, 5, 6, 11, 12, 13], [1, 2, 3, 14, EOS, PAD]], np.int32)
+    attn = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], np.int32)
+    last = np.array([5, 4])
+    finished = np.array([False, True])
+    got = jax.jit(functools.partial(inference.reward_scores, rm, eos_id=EOS))(
+        params, tokens, attn, last, finished)
+    cut = np.asarray(_apply(rm, params, np.array([[0, 5, 6, 11, 12, 13, EOS]]),
+                            np.array([[0, 1, 1, 1, 1, 1, 1]])))[0, 6]
+    done = np.asarray(_apply(rm, params, tokens[1:], attn[1:]))[0, 4]
+    np.testing.assert_allclose(np.asarray(got), [cut, done], rtol=1e-5, atol=1e-6)
 
 
 def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workdir, tmp_path):

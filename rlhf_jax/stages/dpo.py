@@ -190,46 +190,10 @@ def sequence_logps(params, model: Transformer, batch, dropout_rng=None):
     return rl.masked_sum(logp_NxT, mask_NxT, axis=1).reshape(b, k)
 
 
-def implicit_rewards(logp_BxK, ref_logp_BxK, valid_BxK, beta):
-    """r = beta * (log pi - log pi_ref) per slot, [B, K]; 0 in padding slots
-    (selected away by jnp.where, so garbage there reaches neither the result
-    nor a gradient: a difference's derivative is finite)."""
-    valid = jnp.asarray(valid_BxK) != 0
-    log_ratio = jnp.where(valid, jnp.asarray(logp_BxK, jnp.float32)
-                          - jnp.asarray(ref_logp_BxK, jnp.float32), 0.0)
-    return beta * log_ratio
-
-
-def dpo_loss(logp_BxK, ref_logp_BxK, ranks_BxK, valid_BxK, beta):
-    """DPO's sigmoid loss over every ranked pair of each prompt's K responses.
-
-    `losses.ranking_loss` on the implicit rewards beta * (logp - ref_logp):
-    the mean over a prompt's ranked pairs (i better than j, ties give none)
-    of -log sigmoid(r_i - r_j), then over prompts. Pairwise DPO is the K = 2
-    case.
-
-    Returns:
-      (loss, stats): ranking_loss's accuracy, n_pairs, margin, n_prompts, and
-      chosen_reward / rejected_reward, the mean implicit reward of the better
-      and of the worse response over the ranked pairs (margin is their
-      difference).
-    """
-    rewards_BxK = implicit_rewards(logp_BxK, ref_logp_BxK, valid_BxK, beta)
-    loss, stats = losses.ranking_loss(rewards_BxK, ranks_BxK, valid_BxK)
-    valid = jnp.asarray(valid_BxK) != 0
-    ranks = jnp.asarray(ranks_BxK)
-    pair_BxKxK = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
-    r = jax.lax.stop_gradient(rewards_BxK)
-    denom = jnp.maximum(stats["n_pairs"], 1.0)
-    stats["chosen_reward"] = jnp.sum(jnp.where(pair_BxKxK, r[:, :, None], 0.0)) / denom
-    stats["rejected_reward"] = jnp.sum(jnp.where(pair_BxKxK, r[:, None, :], 0.0)) / denom
-    return loss, stats
-
-
 def dpo_loss_on_batch(params, model: Transformer, batch, beta, dropout_rng=None):
     """The policy's DPO loss on a batch with precomputed `ref_logp` [B, K]."""
     logp_BxK = sequence_logps(params, model, batch, dropout_rng)
-    return dpo_loss(logp_BxK, batch["ref_logp"], batch["ranks"], batch["valid"], beta)
+    return losses.dpo_loss(logp_BxK, batch["ref_logp"], batch["ranks"], batch["valid"], beta)
 
 
 def train_step(state: train_state.TrainState, batch, *, model: Transformer, optimizer, beta):
@@ -278,8 +242,8 @@ def eval_step(params, batch, *, model: Transformer, beta):
     """Sums over one batch, so that batches combine exactly. Gold accuracy
     reuses the ranking statistics with ranks = -gold, as rm.eval_step."""
     logp_BxK = sequence_logps(params, model, batch)
-    loss, stats = dpo_loss(logp_BxK, batch["ref_logp"], batch["ranks"], batch["valid"], beta)
-    rewards_BxK = implicit_rewards(logp_BxK, batch["ref_logp"], batch["valid"], beta)
+    loss, stats = losses.dpo_loss(logp_BxK, batch["ref_logp"], batch["ranks"], batch["valid"], beta)
+    rewards_BxK = losses.implicit_rewards(logp_BxK, batch["ref_logp"], batch["valid"], beta)
     has_gold_BxK = batch["valid"] & jnp.isfinite(batch["gold"])
     _, gold = losses.ranking_loss(rewards_BxK, jnp.where(has_gold_BxK, -batch["gold"], 0.0),
                                   has_gold_BxK)
@@ -291,23 +255,9 @@ def eval_step(params, batch, *, model: Transformer, beta):
 
 def make_evaluator(runtime, model, eval_source, transform, batch_size, beta):
     """`evaluate(params)` over all of `eval_source` (a `WithRefLogps`, cut
-    to the records evaluated)."""
+    to the records evaluated): rm.ranking_evaluator on DPO's implicit rewards."""
     step = jax.jit(functools.partial(eval_step, model=model, beta=beta))
-
-    def evaluate(params) -> dict:
-        sums: dict[str, float] = {}
-        for batch, valid_B in pipeline.batches_once(eval_source, batch_size, transform,
-                                                    jax.process_index(), jax.process_count()):
-            batch = dict(batch, valid=batch["valid"] & valid_B[:, None])
-            for k, v in step(params, runtime.global_batch(batch)).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        pairs = max(sums["n_pairs"], 1.0)
-        out = {"eval_loss": sums["loss_sum"] / max(sums["n_prompts"], 1.0),
-               "eval_accuracy": sums["correct"] / pairs, "eval_margin": sums["margin_sum"] / pairs}
-        if sums["gold_pairs"] > 0:  # world prompts with responses of different gold scores
-            out["gold_accuracy"] = sums["gold_correct"] / sums["gold_pairs"]
-        return out
-    return evaluate
+    return rm.ranking_evaluator(runtime, step, eval_source, transform, batch_size)
 
 
 # ---------------------------------------------------------------------------

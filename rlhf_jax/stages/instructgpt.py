@@ -130,15 +130,30 @@ def check_methods(config):
                           f"give it a coefficient > 0")
 
 
-def method_run(name: str, sft: str, rm: str, comparisons: dict) -> tuple[str, dict]:
-    """(config block, path overrides) of the post-RM method `name` (METHODS)."""
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"algo": {"ptx_coef": 0.0}} -> {"algo.ptx_coef": 0.0}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def method_run(config, name: str, sft: str, rm: str, comparisons: dict) -> tuple[str, dict]:
+    """(config block, overrides) of the post-RM method `name` (METHODS): the
+    paths that connect it, and the config's `method_overrides.<name>` (plain
+    PPO is the `ppo` block with ptx_coef 0)."""
     paths = {
-        "ppo": dict(init_from=sft, reward_from=rm, **{"algo.ptx_coef": 0.0}),
+        "ppo": dict(init_from=sft, reward_from=rm),
         "ppo_ptx": dict(init_from=sft, reward_from=rm),
         "grpo": dict(init_from=sft, reward_from=rm, reward_fn=""),
         "grpo_gold": dict(init_from=sft, reward_from="", reward_fn="world"),
         "dpo": dict(init_from=sft, **comparisons),
     }[name]
+    if "method_overrides" in config and name in config.method_overrides:
+        paths.update(_dotted(config.method_overrides[name].to_dict()))
     return METHODS[name][0], paths
 
 
@@ -186,7 +201,7 @@ def run(config, workdir: str, run_one: Callable):
            "data.demos_path": config.sft.data.path}))
     runs = {}
     for name in config.methods:
-        block, paths = method_run(name, sft, rm, comparisons)
+        block, paths = method_run(config, name, sft, rm, comparisons)
         runs[name] = run_stage(name, _stage_config(config, block, **paths))
 
     policies = {"pretrained": base, "sft": sft, **runs}

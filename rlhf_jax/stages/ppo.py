@@ -27,9 +27,11 @@ about 25 times the policy's and the reward barely moved the policy
 
 A response that ends without EOS (cut at max_new_tokens) is scored by the RM
 the way the RM saw such responses in training: the collect stage writes them
-as text, and the RM reads its score at an EOS appended to the text. Here its
-last token is replaced by EOS for the RM's pass (the policy's and value's
-passes see the tokens sampled), and `missing_eos_penalty` is subtracted.
+as text, and the RM reads its score at an EOS appended to the text; the RM's
+pass here appends that EOS in one extra position (inference.reward_scores).
+`missing_eos_penalty` (default 1, as TRL's; 0 turns it off) is then
+subtracted: the RM has seen few cut responses, so the penalty says what it
+may not have learnt.
 
 Dropout is off everywhere (the models are deterministic). The iterations
 run in the host loop every stage shares (rlhf_jax/loop.py): one iteration is
@@ -189,6 +191,7 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
 
         (loss, stats), (g_pol, g_val) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             policy.params, value.params)
+        ppo_loss = loss         # the value model's update depends on this loss only
         stats["pg_grad_norm"] = optax.tree.norm(g_pol)
         if ptx is not None:
             # The two terms' gradients apart, so that their sizes can be
@@ -198,9 +201,10 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
             loss, g_pol = rl.ptx_mix(loss, g_pol, lm, g_ptx, hp.ptx_coef)
             stats.update(ptx_loss=lm, ptx_grad_norm=hp.ptx_coef * optax.tree.norm(g_ptx))
         policy, pu = train_state.apply_update(policy, g_pol, loss, policy_opt)
-        value, vu = train_state.apply_update(value, g_val, loss, value_opt)
-        if ema is not None:
-            ema = rl.ema_update(ema, policy.params, hp.ema_decay)
+        value, vu = train_state.apply_update(value, g_val, ppo_loss, value_opt)
+        if ema is not None:     # follows the policy's updates, not its skipped ones
+            ema = jax.tree_util.tree_map(lambda old, new: jnp.where(pu["skipped"] > 0, old, new),
+                                         ema, rl.ema_update(ema, policy.params, hp.ema_decay))
         stats.update(loss=loss, grad_norm=pu["grad_norm"], value_grad_norm=vu["grad_norm"],
                      skipped=pu["skipped"])
         return (policy, value, ema), stats
@@ -211,16 +215,19 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
     idx = perms.reshape(hp.epochs * m, mb_size)                          # [E*M, B/M]
     (policy, value, ema), stats = jax.lax.scan(
         minibatch_step, (state.policy, state.value, state.ema_params), (idx, ptx_batches))
+    applied = jnp.sum(1 - stats["skipped"]).astype(jnp.int32)     # policy updates made
     stats = jax.tree_util.tree_map(jnp.mean, stats)
 
+    # The coefficient that shaped this iteration's rewards (score_rollout ran
+    # with it) is logged; the controller's next one goes into the state.
+    stats["kl_coef"] = state.kl_coef
     kl_coef = state.kl_coef
     if hp.adaptive_kl:
         kl_coef = rl.adaptive_kl_coef(kl_coef, observed_kl, hp.kl_target, hp.kl_horizon,
                                       b).astype(jnp.float32)
-    ema_updates = state.ema_updates + (idx.shape[0] if ema is not None else 0)
+    ema_updates = state.ema_updates + (applied if ema is not None else 0)
     state = state.replace(step=state.step + 1, policy=policy, value=value, kl_coef=kl_coef,
                           ema_params=ema, ema_updates=ema_updates)
-    stats["kl_coef"] = kl_coef
     stats["nonfinite"] = jnp.maximum(policy.nonfinite, value.nonfinite)
     return state, stats
 

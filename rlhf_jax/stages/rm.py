@@ -180,28 +180,40 @@ def eval_step(params, batch, *, model: Transformer):
             "gold_correct": gold["accuracy"] * gold["n_pairs"], "gold_pairs": gold["n_pairs"]}
 
 
-def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches,
-                   packer=pack):
-    """`evaluate(params)` over at most `max_batches` batches of `eval_source`;
-    `packer(batch)` lays out a batch's distinct responses (`pack`)."""
-    step = jax.jit(functools.partial(eval_step, model=model))
-
+def ranking_evaluator(runtime, step, eval_source, transform, batch_size, max_batches=None,
+                      packer=lambda batch: batch):
+    """`evaluate(params)` of a ranking model (the RM, DPO's policy) over at
+    most `max_batches` batches (None: all) of `eval_source`: the per-batch
+    sums of the jitted `step(params, batch)` (loss_sum, n_prompts, correct,
+    n_pairs, gold_correct, gold_pairs, optionally margin_sum), combined
+    exactly. `packer(batch)` lays out a batch (the RM's `pack`)."""
     def evaluate(params) -> dict:
         sums: dict[str, float] = {}
         batches = pipeline.batches_once(eval_source, batch_size, transform,
                                         jax.process_index(), jax.process_count())
         for i, (batch, valid_B) in enumerate(batches):
-            if i >= max_batches:
+            if max_batches is not None and i >= max_batches:
                 break
             batch = packer(dict(batch, valid=batch["valid"] & valid_B[:, None]))
             for k, v in step(params, runtime.global_batch(batch)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        pairs = max(sums["n_pairs"], 1.0)
         out = {"eval_loss": sums["loss_sum"] / max(sums["n_prompts"], 1.0),
-               "eval_accuracy": sums["correct"] / max(sums["n_pairs"], 1.0)}
+               "eval_accuracy": sums["correct"] / pairs}
+        if "margin_sum" in sums:
+            out["eval_margin"] = sums["margin_sum"] / pairs
         if sums["gold_pairs"] > 0:  # world prompts with responses of different gold scores
             out["gold_accuracy"] = sums["gold_correct"] / sums["gold_pairs"]
         return out
     return evaluate
+
+
+def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches,
+                   packer=pack):
+    """The RM's `evaluate(params)` over at most `max_batches` batches of
+    `eval_source`; `packer(batch)` lays out a batch's distinct responses (`pack`)."""
+    step = jax.jit(functools.partial(eval_step, model=model))
+    return ranking_evaluator(runtime, step, eval_source, transform, batch_size, max_batches, packer)
 
 
 # ---------------------------------------------------------------------------

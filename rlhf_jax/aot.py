@@ -257,9 +257,9 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     from rlhf_jax.errors import ConfigError
     from rlhf_jax.models import pretrained
     from rlhf_jax.models.transformer import Transformer
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import policy_gradient as pg, ppo
     tok = pretrained.build_tokenizer(config.model)
-    hp = ppo.hyperparams(config, tok.eos_id)
+    hp = pg.hyperparams(config, tok.eos_id)
     t = config.train
     b, p, n = int(t.batch_size), int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
     sharding.check_batch_divisible(b, runtime.mesh, "train.batch_size")

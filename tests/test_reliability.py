@@ -370,7 +370,7 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     `loop.run`) around tiny stand-ins for sampling, scoring and the update, so
     its preemption, resume and guard run in a second."""
     from rlhf_jax import loop, sampling, train_state
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import policy_gradient as pg, ppo
 
     cfg = load_config("ppo", "tiny")
     cfg.algo.gold_eval = False
@@ -412,12 +412,12 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     tok = types.SimpleNamespace(eos_id=1, pad_id=0)
 
     def run(workdir):
-        hp = ppo.hyperparams(cfg, tok.eos_id)
+        hp = pg.hyperparams(cfg, tok.eos_id)
         step_fn = ppo.iteration_fn(cfg, runtime, types.SimpleNamespace(policy=None), hp, tok, None,
                                    None, score, update, loader, None)
         return loop.run(ppo.make_loop(cfg, workdir, state, state_sh, step_fn,
                                       {"model": {}, "tokenizer": "byte"}, hp,
-                                      ppo.host_metrics_fn(2)))
+                                      pg.host_metrics_fn(2)))
     return run
 
 

@@ -41,7 +41,6 @@ from typing import NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from rlhf_jax import (checkpoint, inference, loop, rewards, rl, sampling, sharding,
                       train_state)
@@ -50,7 +49,7 @@ from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages import policy_gradient as pg
 
 
 @flax.struct.dataclass
@@ -81,33 +80,23 @@ def score_rollout(policy_params, ref_params, prompt_BxP, prompt_mask_BxP, respon
                   mask_BxN, scores_B, *, model: Transformer, hp) -> tuple[Rollout, dict]:
     """Steps 3 of the iteration: log-probs and group advantages (module doc).
     `scores_B`: each response's reward, groups of `hp.group_size` consecutive rows."""
-    p, n = prompt_BxP.shape[1], response_BxN.shape[1]
+    p = prompt_BxP.shape[1]
     tokens, attn = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN,
                                                    mask_BxN)
     mask = mask_BxN.astype(jnp.float32)
-
-    def logp_of(params):
-        logits = inference.response_outputs(model, params, tokens, attn, p, n)
-        return rl.logprobs_from_logits(logits, response_BxN, hp.temperature), logits
-
-    old_logp, logits = logp_of(policy_params)
-    ref_logp, _ = logp_of(ref_params)
+    old_logp, ref_logp, logits = pg.rollout_logps(model, policy_params, ref_params, tokens, attn,
+                                                  response_BxN, p, hp.temperature)
     rewards_B = scores_B
     if hp.kl_in == "reward":
         rewards_B = rl.kl_penalised_scores(scores_B, old_logp, ref_logp, mask, hp.kl_coef)
     g = int(hp.group_size)
     rewards_BxG = rewards_B.reshape(-1, g)
     advantages = rl.group_advantages(rewards_BxG, hp.advantage, hp.scale_by_std).reshape(-1)
-    k1 = rl.kl_per_token(old_logp, ref_logp, "k1")
-    k3 = rl.kl_per_token(old_logp, ref_logp, "k3")
     group_std = jnp.std(scores_B.reshape(-1, g), axis=-1)
     stats = {
         "score": scores_B.mean(),
         "reward_total": rewards_B.mean(),
-        "kl": rl.masked_sum(k1, mask, axis=-1).mean(),          # per response, as PPO's
-        "kl_k3": rl.masked_sum(k3, mask, axis=-1).mean(),
-        "entropy": rl.masked_mean(rl.entropy_from_logits(logits, hp.temperature), mask),
-        "response_length": mask.sum(-1).mean(),
+        **pg.rollout_stats(old_logp, ref_logp, logits, mask, hp.temperature),
         "group_score_std": group_std.mean(),
         "zero_std_groups": (group_std == 0).astype(jnp.float32).mean(),
     }
@@ -137,9 +126,7 @@ def grpo_update(state: GRPOState, rollout: Rollout, rng, *, model: Transformer, 
         policy, upd = train_state.apply_update(policy, grads, loss, optimizer)
         return policy, dict(stats, loss=loss, **upd)
 
-    perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), b)
-                       for e in range(int(hp.epochs))])
-    idx = perms.reshape(int(hp.epochs) * m, b // m)
+    idx = pg.minibatch_indices(rng, b, hp.epochs, m)
     policy, stats = jax.lax.scan(minibatch_step, state.policy, idx)
     stats = jax.tree_util.tree_map(jnp.mean, stats)
     stats["nonfinite"] = policy.nonfinite
@@ -158,19 +145,14 @@ def check_config(config):
         raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
     rewards.check_one_reward("grpo", config.reward_from, config.reward_fn)
     if config.reward_from:
-        ppo.check_reward_from(config.reward_from)
+        pg.check_reward_from(config.reward_from)
     hp = config.algo
     # group_size, advantage, kl_in: their domains (rlhf_jax/config_domains.py).
     rollouts = int(config.train.batch_size) * int(hp.group_size)
     if rollouts % int(hp.minibatches):
         raise ConfigError(f"train.batch_size x algo.group_size = {rollouts} rollouts must be "
                           f"divisible by algo.minibatches={hp.minibatches}")
-    ppo.check_sampling(config.sampling, "GRPO")
-
-
-def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
-    return ml_collections.FrozenConfigDict(dict(
-        config.algo.to_dict(), temperature=float(config.sampling.temperature), eos_id=eos_id))
+    pg.check_sampling(config.sampling, "GRPO")
 
 
 def run(config, workdir: str, judge=None):
@@ -189,14 +171,14 @@ def run(config, workdir: str, judge=None):
         raise ConfigError(f"init_from={config.init_from!r} is a reward model checkpoint; give "
                           f"the policy's (SFT) workdir")
     policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
-    hp = hyperparams(config, tok.eos_id)
+    hp = pg.hyperparams(config, tok.eos_id)
     resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
     model = Transformer(policy_cfg.replace(dropout=0.0))
     reward = None
     if config.reward_from:
         rm_cfg, rm_tok, _ = resolve.stage_model(config, "scalar",
                                                 checkpoint.read_meta(config.reward_from))
-        ppo.check_tokenizers(config, tok, rm_tok)
+        pg.check_tokenizers(config, tok, rm_tok)
         reward_model = Transformer(rm_cfg.replace(dropout=0.0))
     else:
         reward = rewards.python_reward(config.reward_fn, judge)
@@ -234,10 +216,8 @@ def run(config, workdir: str, judge=None):
                 tokens, attn = sampling.concat_prompt_response(
                     jnp.repeat(prompt_BxP, g, axis=0), jnp.repeat(mask_BxP, g, axis=0),
                     out.tokens, out.mask)
-                last, _ = rl.last_token_index(out.mask)
-                s = inference.reward_scores(reward_model, reward_params, tokens, attn, p + last,
-                                            out.finished, hp.eos_id)
-                return jnp.where(out.finished, s, s - hp.missing_eos_penalty)
+                return pg.rm_scores(reward_model, reward_params, tokens, attn, p, out.mask,
+                                    out.finished, hp)[1]
 
         score_fn = jax.jit(functools.partial(score_rollout, model=model, hp=hp))
         update_fn = jax.jit(functools.partial(grpo_update, model=model, optimizer=optimizer,
@@ -274,6 +254,6 @@ def run(config, workdir: str, judge=None):
         return loop.run(loop.Loop(
             stage="grpo", train=t, workdir=workdir, state=state, state_shardings=state_sh,
             step_fn=step_fn, meta=meta,
-            host_metrics=ppo.host_metrics_fn(b * g, gold, score_is_gold),
+            host_metrics=pg.host_metrics_fn(b * g, gold, score_is_gold),
             progress_keys=("score", "kl", "gold_score"), step_name="iteration",
             split=GRPOState.split, join=_join))

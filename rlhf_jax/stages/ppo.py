@@ -50,17 +50,16 @@ from typing import Any, NamedTuple, Optional
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from rlhf_jax import (checkpoint, inference, loop, losses, rewards, rl, sampling, sharding,
                       train_state)
-from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.stages import policy_gradient as pg
 
 
 @flax.struct.dataclass
@@ -106,19 +105,12 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     tokens, attn = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN,
                                                    mask_BxN)
     mask = mask_BxN.astype(jnp.float32)
-
-    def logp_of(params):
-        logits = inference.response_outputs(models.policy, params, tokens, attn, p, n)
-        return rl.logprobs_from_logits(logits, response_BxN, hp.temperature), logits
-
-    old_logp, logits = logp_of(policy_params)
-    ref_logp, _ = logp_of(ref_params)
+    old_logp, ref_logp, logits = pg.rollout_logps(models.policy, policy_params, ref_params,
+                                                  tokens, attn, response_BxN, p, hp.temperature)
     values = inference.response_outputs(models.value, value_params, tokens, attn, p, n)
     if scores_B is None:
-        last, _ = rl.last_token_index(mask)
-        rm_score = inference.reward_scores(models.reward, reward_params, tokens, attn, p + last,
-                                           finished_B, hp.eos_id)
-        score = jnp.where(finished_B, rm_score, rm_score - hp.missing_eos_penalty)
+        rm_score, score = pg.rm_scores(models.reward, reward_params, tokens, attn, p, mask,
+                                       finished_B, hp)
     else:
         rm_score = score = scores_B
 
@@ -127,16 +119,11 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
     advantages, returns = rl.gae(rewards, values, mask, hp.gamma, hp.lam)
     if hp.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
-    k3 = rl.kl_per_token(old_logp, ref_logp, "k3")
-    length = mask.sum(-1)
     stats = {
         "score": rm_score.mean(),
         "score_penalised": score.mean(),
-        "kl": (kl * mask).sum(-1).mean(),                      # k1 per response, as in the reward
-        "kl_k3": (k3 * mask).sum(-1).mean(),
-        "entropy": rl.masked_mean(rl.entropy_from_logits(logits, hp.temperature), mask),
+        **pg.rollout_stats(old_logp, ref_logp, logits, mask, hp.temperature),
         "reward_total": (rewards * mask).sum(-1).mean(),
-        "response_length": length.mean(),
         "eos_rate": finished_B.astype(jnp.float32).mean(),
         "value_mean": rl.masked_mean(values, mask),
         "return_mean": rl.masked_mean(returns, mask),
@@ -179,7 +166,6 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
     """
     b = rollout.mask.shape[0]
     m = hp.minibatches
-    mb_size = b // m
 
     def minibatch_step(carry, xs):
         policy, value, ema = carry
@@ -209,10 +195,7 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
                      skipped=pu["skipped"])
         return (policy, value, ema), stats
 
-    # A fresh permutation of the rollout batch each epoch.
-    perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), b)
-                       for e in range(hp.epochs)])                     # [E, B]
-    idx = perms.reshape(hp.epochs * m, mb_size)                          # [E*M, B/M]
+    idx = pg.minibatch_indices(rng, b, hp.epochs, m)                    # [E*M, B/M]
     (policy, value, ema), stats = jax.lax.scan(
         minibatch_step, (state.policy, state.value, state.ema_params), (idx, ptx_batches))
     applied = jnp.sum(1 - stats["skipped"]).astype(jnp.int32)     # policy updates made
@@ -251,58 +234,14 @@ def check_config(config):
         raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
     rewards.check_one_reward("ppo", config.reward_from, config.reward_fn)
     if config.reward_from:
-        check_reward_from(config.reward_from)
+        pg.check_reward_from(config.reward_from)
     hp = config.algo
     b = int(config.train.batch_size)
     if b % int(hp.minibatches):
         raise ConfigError(f"train.batch_size={b} must be divisible by algo.minibatches={hp.minibatches}")
-    check_sampling(config.sampling, "PPO")
+    pg.check_sampling(config.sampling, "PPO")
     if hp.ptx_coef > 0 and not config.data.ptx_path:
         raise ConfigError("algo.ptx_coef > 0 needs data.ptx_path (pretraining text)")
-
-
-def check_reward_from(reward_from: str):
-    """`reward_from` must be a finished, bias-normalised RM checkpoint (an SFT
-    checkpoint's scalar head would be fresh and score everything 0)."""
-    if not checkpoint.has_checkpoint(reward_from):
-        raise ConfigError(f"reward_from={reward_from!r}: no finished checkpoint there")
-    rm_meta = checkpoint.read_meta(reward_from)
-    if rm_meta.get("model", {}).get("head") != "scalar" or rm_meta.get("stage") not in ("rm", None):
-        raise ConfigError(
-            f"reward_from={reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
-            f"checkpoint, not a reward model: its scalar head would be freshly initialised and "
-            f"score every response 0; give the workdir of an rm stage")
-    if not rm_meta.get("bias_normalized"):
-        raise ConfigError(
-            f"reward_from={reward_from!r}: the RM's latest checkpoint is not bias-normalised "
-            "(its run did not finish); rerun the rm stage to completion")
-
-
-def check_tokenizers(config, tok, rm_tok):
-    if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
-        raise ConfigError(
-            f"reward_from={config.reward_from!r} has another tokenizer than init_from="
-            f"{config.init_from!r}: the RM would read the policy's token ids as other text")
-
-
-def check_sampling(s, method: str):
-    """The rollouts' sampling block: full softmax at a positive temperature."""
-    if int(s.top_k) != 0 or float(s.top_p) < 1.0 or s.greedy:
-        raise ConfigError(
-            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}, sampling.greedy={s.greedy}: "
-            f"{method}'s ratio and KL are computed on the full softmax, so filtered (or greedy) "
-            f"sampling would optimise another policy than the one sampled; use "
-            f"sampling.top_k=0, sampling.top_p=1.0, sampling.greedy=False (temperature is "
-            f"supported)")
-    if float(s.temperature) <= 0:
-        raise ConfigError(f"sampling.temperature={s.temperature}: must be > 0")
-
-
-def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
-    """What the jitted functions close over: the `algo` block, the sampling
-    temperature (the log-probs are those of the distribution sampled) and EOS."""
-    return ml_collections.FrozenConfigDict(dict(
-        config.algo.to_dict(), temperature=float(config.sampling.temperature), eos_id=eos_id))
 
 
 def split_state(state: PPOState):
@@ -365,24 +304,6 @@ def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_pa
     return step_fn
 
 
-def host_metrics_fn(batch_size: int, gold=None, score_is_gold: bool = False):
-    """The loop's `host_metrics`: seconds per iteration, sampled tokens per
-    second, and the gold score of the rollouts (`gold(it, tokens)`, or the
-    score itself when the reward is the gold labeler: `score_is_gold`)."""
-    def host_metrics(step: int, metrics: dict, seconds) -> dict:
-        tokens = metrics.pop("response_tokens", None)
-        row = {}
-        if seconds is not None:
-            row.update(iteration_s=seconds,
-                       tokens_per_s=float(metrics["response_length"]) * batch_size / seconds)
-        if gold is not None and tokens is not None:
-            row["gold_score"] = gold(step - 1, tokens)
-        if score_is_gold:
-            row["gold_score"] = float(metrics["score"])
-        return row
-    return host_metrics
-
-
 def make_loop(config, workdir: str, state: PPOState, state_sh, step_fn, meta: dict, hp,
               host_metrics=None) -> loop.Loop:
     return loop.Loop(
@@ -412,8 +333,8 @@ def run(config, workdir: str, judge=None):
     value_from = config.reward_from or config.init_from
     value_cfg, value_tok, _ = resolve.stage_model(config, "scalar",
                                                   checkpoint.read_meta(value_from))
-    check_tokenizers(config, tok, value_tok)
-    hp = hyperparams(config, tok.eos_id)
+    pg.check_tokenizers(config, tok, value_tok)
+    hp = pg.hyperparams(config, tok.eos_id)
     resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
     policy_cfg = policy_cfg.replace(dropout=0.0)
     value_cfg = value_cfg.replace(dropout=0.0)
@@ -475,5 +396,5 @@ def run(config, workdir: str, judge=None):
                                keep_tokens=gold is not None and not score_is_gold,
                                host_reward=host_reward)
         return loop.run(make_loop(config, workdir, state, state_sh, step_fn, meta, hp,
-                                  host_metrics_fn(b, gold, score_is_gold)))
+                                  pg.host_metrics_fn(b, gold, score_is_gold)))
 

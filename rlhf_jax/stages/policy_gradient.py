@@ -1,0 +1,127 @@
+"""What PPO and GRPO share: a rollout's log-probs and their KL and entropy
+statistics, the reward model's score of a rollout, the epoch x minibatch
+index plan of an update, the hyperparameters the jitted functions close
+over, the config checks of an RL stage, and the host metrics of an
+iteration. stages/ppo.py and stages/grpo.py hold only what differs
+(values and GAE; group advantages).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rlhf_jax import checkpoint, inference, rl
+from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models.transformer import Transformer
+
+
+def rollout_logps(model: Transformer, policy_params, ref_params, tokens, attn, response_BxN,
+                  p: int, temperature: float):
+    """(policy log-probs, reference log-probs, policy logits) of the response
+    tokens [B, N] in `tokens` (prompt of length p, then the response), by
+    teacher forcing: the training forward pass, not the sampler's numbers."""
+    n = response_BxN.shape[1]
+
+    def logp_of(params):
+        logits = inference.response_outputs(model, params, tokens, attn, p, n)
+        return rl.logprobs_from_logits(logits, response_BxN, temperature), logits
+
+    old_logp, logits = logp_of(policy_params)
+    ref_logp, _ = logp_of(ref_params)
+    return old_logp, ref_logp, logits
+
+
+def rollout_stats(old_logp, ref_logp, logits, mask, temperature: float) -> dict:
+    """KL to the reference per response (k1, the reward's, and k3), the
+    policy's entropy per token and the response length."""
+    k1 = rl.kl_per_token(old_logp, ref_logp, "k1")
+    k3 = rl.kl_per_token(old_logp, ref_logp, "k3")
+    return {
+        "kl": rl.masked_sum(k1, mask, axis=-1).mean(),
+        "kl_k3": rl.masked_sum(k3, mask, axis=-1).mean(),
+        "entropy": rl.masked_mean(rl.entropy_from_logits(logits, temperature), mask),
+        "response_length": mask.sum(-1).mean(),
+    }
+
+
+def rm_scores(reward_model: Transformer, reward_params, tokens, attn, p: int, mask, finished_B,
+              hp):
+    """(the RM's score, the score less `hp.missing_eos_penalty` for a response
+    without EOS) [B]; an unfinished response is read as its tokens + EOS
+    (inference.reward_scores)."""
+    last, _ = rl.last_token_index(mask)
+    score = inference.reward_scores(reward_model, reward_params, tokens, attn, p + last,
+                                    finished_B, hp.eos_id)
+    return score, jnp.where(finished_B, score, score - hp.missing_eos_penalty)
+
+
+def minibatch_indices(rng, batch: int, epochs: int, minibatches: int):
+    """[E*M, B/M] rollout rows of each minibatch update: a fresh permutation
+    of the batch each epoch (fold_in(rng, epoch)), cut into M minibatches."""
+    perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), batch)
+                       for e in range(int(epochs))])
+    return perms.reshape(int(epochs) * int(minibatches), batch // int(minibatches))
+
+
+def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
+    """What the jitted functions close over: the `algo` block, the sampling
+    temperature (the log-probs are those of the distribution sampled) and EOS."""
+    return ml_collections.FrozenConfigDict(dict(
+        config.algo.to_dict(), temperature=float(config.sampling.temperature), eos_id=eos_id))
+
+
+def check_reward_from(reward_from: str):
+    """`reward_from` must be a finished, bias-normalised RM checkpoint (an SFT
+    checkpoint's scalar head would be fresh and score everything 0)."""
+    if not checkpoint.has_checkpoint(reward_from):
+        raise ConfigError(f"reward_from={reward_from!r}: no finished checkpoint there")
+    rm_meta = checkpoint.read_meta(reward_from)
+    if rm_meta.get("model", {}).get("head") != "scalar" or rm_meta.get("stage") not in ("rm", None):
+        raise ConfigError(
+            f"reward_from={reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
+            f"checkpoint, not a reward model: its scalar head would be freshly initialised and "
+            f"score every response 0; give the workdir of an rm stage")
+    if not rm_meta.get("bias_normalized"):
+        raise ConfigError(
+            f"reward_from={reward_from!r}: the RM's latest checkpoint is not bias-normalised "
+            "(its run did not finish); rerun the rm stage to completion")
+
+
+def check_tokenizers(config, tok, rm_tok):
+    if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
+        raise ConfigError(
+            f"reward_from={config.reward_from!r} has another tokenizer than init_from="
+            f"{config.init_from!r}: the RM would read the policy's token ids as other text")
+
+
+def check_sampling(s, method: str):
+    """The rollouts' sampling block: full softmax at a positive temperature."""
+    if int(s.top_k) != 0 or float(s.top_p) < 1.0 or s.greedy:
+        raise ConfigError(
+            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}, sampling.greedy={s.greedy}: "
+            f"{method}'s ratio and KL are computed on the full softmax, so filtered (or greedy) "
+            f"sampling would optimise another policy than the one sampled; use "
+            f"sampling.top_k=0, sampling.top_p=1.0, sampling.greedy=False (temperature is "
+            f"supported)")
+    if float(s.temperature) <= 0:
+        raise ConfigError(f"sampling.temperature={s.temperature}: must be > 0")
+
+
+def host_metrics_fn(batch_size: int, gold=None, score_is_gold: bool = False):
+    """The loop's `host_metrics`: seconds per iteration, sampled tokens per
+    second, and the gold score of the rollouts (`gold(it, tokens)`, or the
+    score itself when the reward is the gold labeler: `score_is_gold`)."""
+    def host_metrics(step: int, metrics: dict, seconds) -> dict:
+        tokens = metrics.pop("response_tokens", None)
+        row = {}
+        if seconds is not None:
+            row.update(iteration_s=seconds,
+                       tokens_per_s=float(metrics["response_length"]) * batch_size / seconds)
+        if gold is not None and tokens is not None:
+            row["gold_score"] = gold(step - 1, tokens)
+        if score_is_gold:
+            row["gold_score"] = float(metrics["score"])
+        return row
+    return host_metrics

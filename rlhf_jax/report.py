@@ -100,6 +100,29 @@ def _save(fig: Figure, path: str):
 # Figures
 # ---------------------------------------------------------------------------
 
+def pairwise_section(pairwise: Mapping[str, Mapping[str, dict]]) -> list[str]:
+    """The report's differences between every two policies (evaluate's
+    `pairwise`), T=1 first, and a line naming those beyond their paired
+    95% interval."""
+    order = [k for k in ("gold_score_sampled", "gold_score") if pairwise.get(k)]
+    if not order:
+        return []
+    pairs = list(pairwise[order[0]])
+    label = {"gold_score_sampled": "gold (T=1)", "gold_score": "gold (greedy)"}
+    lines = ["", "## Differences between policies", "",
+             "Mean over prompts of (the first policy's gold score − the second's on the same "
+             "prompt) ± the half-width of its paired 95% interval; * marks a difference beyond "
+             "its interval.", ""]
+    rows = [[pair] + [f"{pairwise[k][pair]['diff']:+.3f} ± {pairwise[k][pair]['ci95']:.3f}"
+                      + (" *" if pairwise[k][pair]["beyond"] else "") for k in order]
+            for pair in pairs]
+    lines += _table(["policies"] + [label[k] for k in order], rows)
+    beyond = [p for p in pairs if pairwise[order[0]][p]["beyond"]]
+    lines += ["", f"Beyond their paired interval ({label[order[0]]}): "
+                  + (", ".join(beyond) if beyond else "none") + "."]
+    return lines
+
+
 def win_outcomes(samples: Sequence[dict], policy: str, reference: str) -> np.ndarray:
     """Per prompt 1 (the policy's gold score beats the reference's), 0.5 (tie)
     or 0, pairing each policy's samples with the reference's in order."""
@@ -298,6 +321,8 @@ def write_report(workdir: str, eval_json: dict, samples: Sequence[dict],
                   f"prompt), so its interval is paired; a gain whose interval excludes 0 is "
                   f"beyond the noise of the prompts.", ""]
         lines += _policy_table(policies, names, INTERVAL_COLUMNS, _pm)
+
+    lines += pairwise_section(eval_json.get("pairwise", {}))
 
     win_path = os.path.join(workdir, WIN_RATE_FIGURE)
     win_rate_figure(eval_json, samples, win_path)

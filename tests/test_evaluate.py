@@ -311,6 +311,29 @@ def test_intervals_are_normal_95_and_paired():
     assert evaluate.ci95([0.5]) == 0.0
 
 
+def test_pairwise_differences_are_paired_and_the_report_names_those_beyond():
+    from rlhf_jax import report
+    rng = np.random.default_rng(1)
+    a = rng.choice([0.0, 1.0], size=300)
+    scores = {"sft": a, "ppo": np.where(rng.random(300) < 0.4, 1.0, a), "ppo_ptx": a + 0.0}
+    out = evaluate.pairwise_differences(scores, ["sft", "ppo", "ppo_ptx"])
+    assert list(out) == ["sft - ppo", "sft - ppo_ptx", "ppo - ppo_ptx"]
+    for key, (x, y) in {"sft - ppo": ("sft", "ppo"), "ppo - ppo_ptx": ("ppo", "ppo_ptx")}.items():
+        d = [p - q for p, q in zip(scores[x], scores[y])]
+        mean = sum(d) / len(d)
+        sd = (sum((v - mean) ** 2 for v in d) / (len(d) - 1)) ** 0.5
+        assert out[key]["diff"] == pytest.approx(mean)
+        assert out[key]["ci95"] == pytest.approx(1.96 * sd / len(d) ** 0.5)
+        assert out[key]["beyond"] == (abs(mean) > 1.96 * sd / len(d) ** 0.5)
+    assert out["sft - ppo"]["beyond"] and not out["sft - ppo_ptx"]["beyond"]
+    lines = report.pairwise_section({"gold_score_sampled": out, "gold_score": out})
+    text = "\n".join(lines)
+    assert "sft - ppo |" in text and "* |" in text
+    assert lines[-1].startswith("Beyond their paired interval (gold (T=1)): ")
+    assert "sft - ppo" in lines[-1] and "sft - ppo_ptx" not in lines[-1]
+    assert report.pairwise_section({}) == []
+
+
 def test_demo_quality_says_where_the_gain_leaves_the_interval(tmp_path):
     from rlhf_jax.stages import demo_quality
 

@@ -141,6 +141,21 @@ def intervals(scores_N: Sequence[float], ref_scores_N: Sequence[float], suffix: 
             f"gain_vs_sft{suffix}": float(np.mean(s - r)), f"gain_vs_sft{suffix}_ci95": ci95(s - r)}
 
 
+def pairwise_differences(scores: dict, names: Sequence[str]) -> dict:
+    """Paired differences between policies on the same prompts: for each
+    pair (a, b) of `names` in that order, a before b, `"a - b"`:
+    {"diff": mean over prompts of (a's score - b's), "ci95": its paired 95%
+    interval's half-width, "beyond": whether the interval excludes 0}.
+    `scores`: name -> per-prompt scores [N]."""
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = np.asarray(scores[a], np.float64) - np.asarray(scores[b], np.float64)
+            diff, half = float(d.mean()), ci95(d)
+            out[f"{a} - {b}"] = {"diff": diff, "ci95": half, "beyond": bool(abs(diff) > half)}
+    return out
+
+
 def _mean_or_none(values) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
@@ -328,6 +343,7 @@ def run(config, workdir: str) -> dict:
 
     results: dict[str, dict] = {}
     samples: list[dict] = []
+    by_policy: dict[str, dict] = {"gold_score": {}, "gold_score_sampled": {}}
     loaded = {ref_spec.path: ref}
     lm_losses: dict[str, float] = {}
     for spec in specs:
@@ -358,6 +374,7 @@ def run(config, workdir: str) -> dict:
             "fewshot": spec.fewshot,
         }
         r.update(intervals(scores, ref_scores))
+        by_policy["gold_score"][spec.name] = np.asarray(scores, np.float64)
         sampled = None
         if sampled_cfg is not None:
             sampled = np.asarray(ref_sampled if spec == ref_spec
@@ -368,6 +385,7 @@ def run(config, workdir: str) -> dict:
                      per_category_gold_score_sampled={
                          c: float(sampled[cats == c].mean()) for c in r["per_category"]},
                      **intervals(sampled, ref_sampled, "_sampled"))
+            by_policy["gold_score_sampled"][spec.name] = sampled
         samples += [{"policy": spec.name, "prompt": prompts[i], "category": categories[i],
                      "response": responses.texts[i], "finished": bool(responses.finished_N[i]),
                      "gold_score": float(scores[i]), "kl_vs_sft": float(kl_N[i]),
@@ -387,6 +405,9 @@ def run(config, workdir: str) -> dict:
     eval_json = {
         "reference": ref_spec.name,
         "policies": results,
+        # Every pair of policies, paired over the same prompts (greedy and T=1).
+        "pairwise": {key: pairwise_differences(scores, [sp.name for sp in specs])
+                     for key, scores in by_policy.items() if scores},
         "settings": {
             "prompts": prompt_source,
             "n_prompts": len(prompts),

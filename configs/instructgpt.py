@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
     # The demonstrators' flaw rate (WORLD.md): 60% of the benign demonstrations
     # carry the chatty opener (`Sure! ...`, gold +0.3), as contractors' answers
     # are imperfect; at f = 0 imitation is already optimal and RLHF has
-    # nothing to add (BENCHMARKS.md, "Issue 27": the demo-quality sweep).
+    # little to add (README: the demo-quality sweep).
     # Another f: --config.sft.data.path=tfds:instruction_world/demonstrations_f0.3
     c.sft.data.path = sft.world_demonstrations(FLAW_RATE)
     c.sft.train.update(dict(steps=500, batch_size=32, lr=1e-3, warmup_steps=20,
@@ -69,8 +69,7 @@ def get_config(arg: str = ""):
     # gold plateaus from iteration 20; BENCHMARKS.md, "Issue 27").
     c.ppo.train.update(dict(steps=40, batch_size=64, lr=3e-5, checkpoint_every=20))
     # ptx 0.15 on 4 documents a minibatch: PPO-ptx's pretraining loss well
-    # below plain PPO's (1.08 against 1.89) at PPO's gold; at 0.3 it cost
-    # 0.025 of sampled gold (f = 0.5, seed 0).
+    # below plain PPO's at PPO's gold (BENCHMARKS.md, "Issue 27").
     c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_coef=0.15, ptx_batch_size=4,
                           value_lr=1e-4, kl_coef=0.1))
     c.evaluate.policies.update(dict(pretrained="", sft="", ppo="", ppo_ptx=""))

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from rlhf_jax.data import jsonl
+from rlhf_jax.data import jsonl, preprocess
 from rlhf_jax.data.builders import build_jsonl, default_data_dir
 from rlhf_jax.data.features import KINDS, unstored
 
@@ -141,7 +141,6 @@ class PackedTexts(collections.abc.Sequence):
     """
 
     def __init__(self, source: Source, tok, max_len: int):
-        from rlhf_jax.data import preprocess
         self._texts = [r["text"] for r in source.records(range(len(source)))]
         lengths = [len(preprocess.text_ids(tok, t)) for t in self._texts]
         self._rows = preprocess.pack_texts(lengths, max_len)

@@ -86,6 +86,7 @@ from rlhf_jax import sampling  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 from rlhf_jax import train_state  # noqa: E402
 from rlhf_jax.stages import sft, ppo, rm  # noqa: E402
+from rlhf_jax.stages import policy_gradient as pg  # noqa: E402
 
 SECTIONS = ("sampler", "ppo", "rm", "flops", "compile")
 perf = time.perf_counter
@@ -194,7 +195,7 @@ class OurPPO:
                                   ema_updates=jnp.int32(0))
         self.score_fn = jax.jit(functools.partial(ppo.score_rollout, models=self.models, hp=self.hp))
         self.update_fn = jax.jit(functools.partial(ppo.ppo_update, models=self.models, policy_opt=opt,
-                                                   value_opt=opt, hp=self.hp, p=C.PROMPT_LEN),
+                                                   value_opt=opt, hp=self.hp),
                                  donate_argnums=0)
         self.base_rng = jax.random.PRNGKey(17)
         self.it = 0
@@ -210,13 +211,16 @@ class OurPPO:
                               stop_at_eos=False)
         jax.block_until_ready(out.tokens)
         t_gen = perf()
+        idx = np.asarray(pg.minibatch_indices(jax.random.fold_in(rng, 1), toks.shape[0],
+                                              hp.epochs, hp.minibatches))
+        packed, packed_mbs = pg.pack(mask, out, idx)
         rollout, stats = self.score_fn(self.state.policy.params, self.ref_params,
-                                       self.state.value.params, self.reward_params, toks, mask,
-                                       out.tokens, out.mask, out.finished, self.state.kl_coef)
+                                       self.state.value.params, self.reward_params, toks,
+                                       out.tokens, out.mask, out.finished, self.state.kl_coef,
+                                       packed)
         jax.block_until_ready(rollout)
         t1 = perf()
-        self.state, upd = self.update_fn(self.state, rollout, None, stats["kl"],
-                                         jax.random.fold_in(rng, 1))
+        self.state, upd = self.update_fn(self.state, rollout, idx, packed_mbs, None, stats["kl"])
         jax.block_until_ready(self.state.step)
         jax.device_get((stats, upd))           # the loop logs them
         t2 = perf()

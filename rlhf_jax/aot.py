@@ -253,7 +253,7 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     """PPO's rollout (`sampling.sample`), `score_rollout` and `ppo_update`,
     jitted as `stages.ppo.run` jits them, with the iteration's resident
     state: policy and value TrainStates, reference and reward params."""
-    from rlhf_jax import checkpoint, sampling, sharding, train_state
+    from rlhf_jax import checkpoint, packed_rollouts, sampling, sharding, train_state
     from rlhf_jax.errors import ConfigError
     from rlhf_jax.models import pretrained
     from rlhf_jax.models.transformer import Transformer
@@ -298,15 +298,25 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
 
     response, mask = _batch(mesh, jnp.int32, b, n), _batch(mesh, jnp.float32, b, n)
     finished = _batch(mesh, jnp.bool_, b)
-    score_args = (policy.params, ref_params, value.params, reward_params, prompt, prompt_mask,
-                  response, mask, finished, state.kl_coef)
+    # The packed rows (packed_rollouts) at their most: a rollout a row, as
+    # when every prompt and response is as long as the budget allows.
+    w, multiple = packed_rollouts.width(p, n), sharding.batch_devices(mesh)
+
+    def packed(groups, g):
+        r = -(-g // multiple) * multiple
+        lead = (groups,) if groups else ()
+        return packed_rollouts.Packed(
+            source=_sds(lead + (r, w), jnp.int32, rep), segments=_sds(lead + (r, w), jnp.int32, rep),
+            outputs=_sds(lead + (g, n), jnp.int32, rep), last=_sds(lead + (g,), jnp.int32, rep))
+    score_args = (policy.params, ref_params, value.params, reward_params, prompt, response, mask,
+                  finished, state.kl_coef, packed(0, b))
     score = jax.jit(functools.partial(ppo.score_rollout, models=models, hp=hp))
-    score_flops = (2 * forward_flops(cfg_lm, b, s, s, n) + forward_flops(cfg_scalar, b, s, s, n)
-                   + forward_flops(cfg_scalar, b, s, s, s))
+    score_flops = (2 * forward_flops(cfg_lm, b, w, w, n) + forward_flops(cfg_scalar, b, w, w, n)
+                   + forward_flops(cfg_scalar, b, w, w, 1))
 
     bn = lambda dt: _batch(mesh, dt, b, n)     # noqa: E731
     bs = lambda dt: _batch(mesh, dt, b, s)     # noqa: E731
-    rollout = ppo.Rollout(tokens=bs(jnp.int32), attn_mask=bs(jnp.int32), mask=bn(jnp.float32),
+    rollout = ppo.Rollout(tokens=bs(jnp.int32), mask=bn(jnp.float32),
                           old_logp=bn(jnp.float32), old_values=bn(jnp.float32),
                           advantages=bn(jnp.float32), returns=bn(jnp.float32))
     ptx, ptx_flops = None, 0.0
@@ -318,14 +328,15 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
                (("tokens", jnp.int32), ("attn_mask", jnp.int32), ("loss_mask", jnp.float32))}
         ptx_flops = n_updates * train_flops(cfg_lm, b_ptx, l_ptx)
     mb = b // hp.minibatches
-    update_flops = ptx_flops + n_updates * (train_flops(cfg_lm, mb, s, n)
-                                            + train_flops(cfg_scalar, mb, s, n))
+    update_flops = ptx_flops + n_updates * (train_flops(cfg_lm, mb, w, n)
+                                            + train_flops(cfg_scalar, mb, w, n))
     state_sh = _shardings(state)
     update = jax.jit(functools.partial(ppo.ppo_update, models=models, policy_opt=policy_opt,
-                                       value_opt=value_opt, hp=hp, p=p),
-                     in_shardings=(state_sh, None, None, None, None),
+                                       value_opt=value_opt, hp=hp),
+                     in_shardings=(state_sh, None, None, None, None, None),
                      out_shardings=(state_sh, None), donate_argnums=0)
-    update_args = (state, rollout, ptx, _sds((), jnp.float32, rep), rng)
+    idx = _sds((n_updates, mb), jnp.int32, rep)
+    update_args = (state, rollout, idx, packed(n_updates, mb), ptx, _sds((), jnp.float32, rep))
     return [
         Step("sample", sample, sample_args, sample_flops,
              resident - shard_bytes(policy.params)),

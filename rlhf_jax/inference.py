@@ -8,7 +8,7 @@ evaluate and PPO share.
   sampler compiles once;
 - `response_outputs`: a model's outputs at the positions that predict each
   response token, from one teacher-forced pass (the head applied there only);
-- `score_at`, `reward_scores`: a reward model's score at the last real token.
+- `score_at`: a reward model's score at the last real token.
 """
 from __future__ import annotations
 
@@ -137,20 +137,3 @@ def response_outputs(model: Transformer, params, tokens_BxS, attn_BxS, p: int, n
 def score_at(scores_NxL, last_index_N):
     """A reward model's score of each row at its last real token: [N]."""
     return jnp.take_along_axis(scores_NxL, last_index_N[:, None].astype(jnp.int32), axis=1)[:, 0]
-
-
-def reward_scores(model: Transformer, params, tokens_BxS, attn_BxS, last_B, finished_B,
-                  eos_id: int):
-    """The RM's score of each response at its last token [B]. An unfinished
-    response (cut at the length limit) is scored as the RM was trained on
-    it: all its tokens, then EOS (collect writes it as text; the RM reads
-    text + EOS), in one extra column, so no sampled token is replaced."""
-    b = tokens_BxS.shape[0]
-    rows = jnp.arange(b)
-    tokens = jnp.concatenate([tokens_BxS, jnp.full((b, 1), eos_id, tokens_BxS.dtype)], axis=1)
-    attn = jnp.concatenate([attn_BxS, jnp.zeros((b, 1), attn_BxS.dtype)], axis=1)
-    end_B = jnp.where(finished_B, last_B, last_B + 1)
-    tokens = tokens.at[rows, end_B].set(jnp.where(finished_B, tokens[rows, end_B], eos_id))
-    attn = attn.at[rows, end_B].set(1)
-    scores_BxS = model.apply({"params": params}, tokens, attn_mask=attn)
-    return score_at(scores_BxS, end_B)

@@ -1,7 +1,7 @@
 """Where an RL stage's reward comes from, when it is not a reward model.
 
 PPO and GRPO score a rollout with the RM (`reward_from`: the score head at
-the last token, rlhf_jax.inference.reward_scores) or with a Python function
+the last token, stages.policy_gradient.rm_scores) or with a Python function
 (`reward_fn`): "world" is the instruction world's gold labeler, a verifiable
 reward (RLVR), handed to the stage as its `judge`; "package.module:function"
 is any function `(prompt, response cut at EOS, finished) -> float`. A Python

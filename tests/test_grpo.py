@@ -2,6 +2,7 @@
 direction, and the stage end to end (RM reward, the world's verifiable
 reward, a Python reward function), with exact resume."""
 import functools
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.stages import grpo
+from rlhf_jax.stages import policy_gradient as pg
 from rlhf_jax.stages.instructgpt import override
 
 CFG = ModelConfig(vocab_size=40, hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32,
@@ -125,7 +127,8 @@ def test_score_rollout_log_probs_and_group_advantages(kl_in):
                           eos_id=EOS, pad_id=PAD, temperature=1.0)
     scores = jnp.asarray([1.0, 0.0, 2.0, 2.0])
     fn = jax.jit(functools.partial(grpo.score_rollout, model=model, hp=hp))
-    rollout, stats = fn(pol, ref, prompt, pmask, out.tokens, out.mask, scores)
+    packed, _ = pg.pack(pmask, out)           # the stage's packed rows
+    rollout, stats = fn(pol, ref, prompt, out.tokens, out.mask, scores, packed)
     m = np.asarray(out.mask, np.float32)
     np.testing.assert_allclose(np.asarray(rollout.old_logp) * m, np.asarray(out.logprobs) * m,
                                atol=2e-5)
@@ -173,10 +176,13 @@ def test_update_raises_the_better_responses_log_prob():
     old = jax.jit(logp)(params)
     per_token = jax.jit(lambda p: rl.logprobs_from_logits(
         inference.response_outputs(model, p, tokens, attn, P, N), tokens[:, P:]))(params)
-    rollout = grpo.Rollout(tokens, attn, mask, per_token, per_token, jnp.asarray([1.0, -1.0]))
+    rollout = grpo.Rollout(tokens, mask, per_token, per_token, jnp.asarray([1.0, -1.0]))
     hp = _hp(group_size=2, minibatches=1, kl_coef=0.0)
-    new, stats = jax.jit(functools.partial(grpo.grpo_update, model=model, optimizer=opt, hp=hp,
-                                           p=P))(state, rollout, jax.random.PRNGKey(0))
+    idx = np.asarray(pg.minibatch_indices(jax.random.PRNGKey(0), 2, hp.epochs, 1))
+    out = SimpleNamespace(tokens=tokens[:, P:], mask=mask, finished=jnp.ones((2,), bool))
+    _, packed = pg.pack(attn[:, :P], out, idx)
+    new, stats = jax.jit(functools.partial(grpo.grpo_update, model=model, optimizer=opt, hp=hp))(
+        state, rollout, idx, packed)
     after = jax.jit(logp)(new.policy.params)
     assert float(after[0]) > float(old[0]) and float(after[1]) < float(old[1]), (old, after)
     assert float(stats["clipfrac"]) == 0.0 and int(new.step) == 1

@@ -3,6 +3,7 @@ import functools
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import ml_collections
@@ -15,6 +16,7 @@ from helpers import (ROOT, assert_trees_equal, init_params, load_config, reward_
 from rlhf_jax import checkpoint, sampling, stages
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.stages import policy_gradient as pg
 from rlhf_jax.stages import ppo
 from rlhf_jax.stages.instructgpt import override
 
@@ -34,9 +36,17 @@ def _apply(model, params, tokens, attn_mask):
     return model.apply({"params": params}, tokens, attn_mask=attn_mask)
 
 
-def _score_rollout(*args, models, hp):
-    """ppo.score_rollout jitted, as the stage runs it."""
-    return jax.jit(functools.partial(ppo.score_rollout, models=models, hp=hp))(*args)
+def _score_rollout(pol, ref, val, rew, prompt, pmask, resp, rmask, finished, kl_coef,
+                   scores=None, *, models, hp, rows=None):
+    """ppo.score_rollout jitted on the packed rows, as the stage runs it;
+    `rows`: the packed rows it must use (the test says how many)."""
+    out = SimpleNamespace(tokens=jnp.asarray(resp), mask=jnp.asarray(rmask),
+                          finished=jnp.asarray(finished))
+    packed, _ = pg.pack(jnp.asarray(pmask), out)
+    if rows is not None:
+        assert packed.source.shape[0] == rows, packed.source
+    return jax.jit(functools.partial(ppo.score_rollout, models=models, hp=hp))(
+        pol, ref, val, rew, prompt, out.tokens, out.mask, out.finished, kl_coef, packed, scores)
 
 
 def _hp(**kw):
@@ -67,8 +77,9 @@ def test_score_rollout_matches_numpy_loops():
     rmask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.float32)
     finished = np.array([True, False, True])
     beta, hp = 0.1, _hp()
+    # Packed: rollouts 1 (6 + 5 tokens and its EOS) and 2 (2 + 1) share a row of 16.
     rollout, stats = _score_rollout(pol, ref, val, rew, prompt, pmask, resp, rmask, finished,
-                                    jnp.float32(beta), models=models, hp=hp)
+                                    jnp.float32(beta), models=models, hp=hp, rows=2)
 
     seq = np.concatenate([prompt, resp], 1)
     attn = np.concatenate([pmask, rmask.astype(np.int32)], 1)
@@ -116,6 +127,59 @@ def test_score_rollout_matches_numpy_loops():
     kl_per_response = ((logp - ref_logp) * rmask).sum(1).mean()
     np.testing.assert_allclose(float(stats["kl"]), kl_per_response, atol=1e-5)
     np.testing.assert_allclose(float(stats["eos_rate"]), 2 / 3, atol=1e-6)
+
+
+def test_packed_update_losses_equal_the_padded_computation():
+    """A minibatch's PPO losses and their gradients on packed rows equal
+    those of the padded [B, P+N] rows (the computation before packing)."""
+    from rlhf_jax import inference, packed_rollouts, rl
+    scalar = CFG.replace(head="scalar")
+    models = ppo.Models(policy=Transformer(CFG), value=Transformer(scalar))
+    pol, val = _params(CFG, 0), _params(scalar, 2)
+    val["score_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(4),
+                                                    val["score_head"]["kernel"].shape)
+    rng = np.random.default_rng(7)
+    B, P, N = 8, 6, 5
+    plen, rlen = rng.integers(1, P + 1, B), rng.integers(1, N + 1, B)
+    pmask = (np.arange(P)[None] >= P - plen[:, None]).astype(np.int32)
+    rmask = (np.arange(N)[None] < rlen[:, None]).astype(np.float32)
+    tokens = (rng.integers(0, 30, (B, P + N)) * np.concatenate([pmask, rmask], 1)).astype(np.int32)
+    hp = _hp()
+    rollout = ppo.Rollout(tokens=jnp.asarray(tokens), mask=jnp.asarray(rmask),
+                          old_logp=jnp.asarray(rng.normal(-2, 0.3, (B, N)), jnp.float32),
+                          old_values=jnp.asarray(rng.normal(size=(B, N)), jnp.float32),
+                          advantages=jnp.asarray(rng.normal(size=(B, N)), jnp.float32),
+                          returns=jnp.asarray(rng.normal(size=(B, N)), jnp.float32))
+    idx = np.array([[5, 0, 3, 6]])
+    out = SimpleNamespace(tokens=jnp.asarray(tokens[:, P:]), mask=jnp.asarray(rmask),
+                          finished=jnp.ones((B,), bool))
+    _, packed = pg.pack(jnp.asarray(pmask), out, idx)
+    assert packed.source.shape[1] < 4                    # the 4 rollouts share rows
+    mb = jax.tree_util.tree_map(lambda x: x[idx[0]], rollout)
+
+    def packed_loss(pp, vp):
+        flat = packed_rollouts.flat_tokens(rollout.tokens, EOS)
+        return ppo.ppo_losses(pp, vp, mb, flat, jax.tree_util.tree_map(lambda x: x[0], packed),
+                              models=models, hp=hp)
+
+    def padded_loss(pp, vp):
+        attn = jnp.concatenate([jnp.asarray(pmask), jnp.asarray(rmask, jnp.int32)], 1)[idx[0]]
+        logits = inference.response_outputs(models.policy, pp, mb.tokens, attn, P, N)
+        logp = rl.logprobs_from_logits(logits, mb.tokens[:, P:], hp.temperature)
+        pg_loss, _ = rl.ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, hp.clip)
+        values = inference.response_outputs(models.value, vp, mb.tokens, attn, P, N)
+        vf_loss, _ = rl.value_loss(values, mb.old_values, mb.returns, mb.mask, hp.vf_clip)
+        return pg_loss + hp.vf_coef * vf_loss, {"pg_loss": pg_loss, "vf_loss": vf_loss}
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
+    (got, got_stats), got_grads = jax.jit(grad(packed_loss))(pol, val)
+    (want, want_stats), want_grads = jax.jit(grad(padded_loss))(pol, val)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+    for key in ("pg_loss", "vf_loss"):
+        np.testing.assert_allclose(float(got_stats[key]), float(want_stats[key]), rtol=1e-5,
+                                   atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_recomputed_logprobs_equal_sampler_logprobs():
@@ -188,17 +252,33 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, m
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
 
 
-def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, tmp_path):
+def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, tmp_path,
+                                                       monkeypatch):
     """With a zero reward model, the only signal is the penalty for responses
-    without EOS: PPO must learn to end its responses."""
+    without EOS: PPO must learn to end its responses. Over its 30 iterations
+    the packed rows take a few shapes: scoring and the update are traced
+    (so compiled) at most four times each, and `ppo/packed_shapes` says how
+    many times in all."""
+    traces = {"score": 0, "update": 0}
+
+    def counted(name, fn):
+        def traced(*args, **kwargs):
+            traces[name] += 1          # runs when jax.jit traces, not on each call
+            return fn(*args, **kwargs)
+        return traced
+    monkeypatch.setattr(ppo, "score_rollout", counted("score", ppo.score_rollout))
+    monkeypatch.setattr(ppo, "ppo_update", counted("update", ppo.ppo_update))
     cfg = _ppo_config(sft_workdir, **{"train.steps": 30, "train.checkpoint_every": 30,
                                       "algo.ptx_coef": 0.0, "sampling.max_new_tokens": 6,
                                       "algo.missing_eos_penalty": 2.0, "algo.kl_coef": 0.0,
                                       "algo.gold_eval": False, "algo.value_lr": 1e-2,
                                       "train.lr": 3e-3, "train.batch_size": 16})
     stages.run(cfg, str(tmp_path / "ppo"))
-    eos = [r["ppo/eos_rate"] for r in read_metrics(str(tmp_path / "ppo"), "ppo")]
+    rows = read_metrics(str(tmp_path / "ppo"), "ppo")
+    eos = [r["ppo/eos_rate"] for r in rows]
     assert np.mean(eos[-5:]) > np.mean(eos[:5]) + 0.2, eos
+    assert 1 <= traces["score"] <= 4 and 1 <= traces["update"] <= 4, traces
+    assert rows[-1]["ppo/packed_shapes"] == traces["score"] + traces["update"]
 
 
 def short_reward(prompt, response, finished):
@@ -298,15 +378,23 @@ def _update_fixture(hp, seed=0):
     B, P, N = 8, 4, 6
     tokens = rng.integers(0, 30, (B, P + N)).astype(np.int32)
     mask = np.ones((B, N), np.float32)
-    rollout = ppo.Rollout(tokens=jnp.asarray(tokens), attn_mask=jnp.ones((B, P + N), jnp.int32),
-                          mask=jnp.asarray(mask), old_logp=jnp.full((B, N), -3.0),
+    rollout = ppo.Rollout(tokens=jnp.asarray(tokens), mask=jnp.asarray(mask), old_logp=jnp.full((B, N), -3.0),
                           old_values=jnp.zeros((B, N)), advantages=jnp.asarray(rng.normal(size=(B, N)),
                                                                               jnp.float32),
                           returns=jnp.zeros((B, N)))
     ptx = {"tokens": jnp.asarray(rng.integers(0, 30, (1, 4, 12)), jnp.int32),
            "attn_mask": jnp.ones((1, 4, 12), jnp.int32), "loss_mask": jnp.ones((1, 4, 12))}
-    update = jax.jit(functools.partial(ppo.ppo_update, models=models, policy_opt=opt,
-                                       value_opt=opt, hp=hp, p=P))
+    jitted = jax.jit(functools.partial(ppo.ppo_update, models=models, policy_opt=opt,
+                                       value_opt=opt, hp=hp))
+
+    def update(state, rollout, ptx, observed_kl, rng):
+        """As the stage calls it: each minibatch's rows drawn from `rng`, packed."""
+        b, n = rollout.mask.shape
+        idx = np.asarray(pg.minibatch_indices(rng, b, hp.epochs, hp.minibatches))
+        out = SimpleNamespace(tokens=rollout.tokens[:, -n:], mask=rollout.mask,
+                              finished=jnp.ones((b,), bool))
+        _, packed = pg.pack(jnp.ones((b, rollout.tokens.shape[1] - n), jnp.int32), out, idx)
+        return jitted(state, rollout, idx, packed, ptx, observed_kl)
     return state, rollout, ptx, update
 
 
@@ -406,23 +494,32 @@ def test_a_skipped_update_moves_neither_the_ema_nor_its_count(monkeypatch):
 def test_an_unfinished_response_is_scored_on_the_layout_the_rm_was_trained_on():
     """Cut at the length limit, a response reaches the RM as all its tokens
     then EOS, as `collect` writes it and the RM reads text + EOS; no sampled
-    token is replaced."""
-    from rlhf_jax import inference
+    token is replaced. Both rollouts share a packed row."""
+    from rlhf_jax import packed_rollouts
     scalar = CFG.replace(head="scalar")
     rm = Transformer(scalar)
     params = _params(scalar, 3)
     params["score_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(4),
                                                        params["score_head"]["kernel"].shape)
-    tokens = np.array([[0, 5, 6, 11, 12, 13], [1, 2, 3, 14, EOS, PAD]], np.int32)
-    attn = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], np.int32)
-    last = np.array([5, 4])
-    finished = np.array([False, True])
-    got = jax.jit(functools.partial(inference.reward_scores, rm, eos_id=EOS))(
-        params, tokens, attn, last, finished)
-    cut = np.asarray(_apply(rm, params, np.array([[0, 5, 6, 11, 12, 13, EOS]]),
-                            np.array([[0, 1, 1, 1, 1, 1, 1]])))[0, 6]
-    done = np.asarray(_apply(rm, params, tokens[1:], attn[1:]))[0, 4]
+    prompt = np.array([[0, 5, 6], [1, 2, 3]], np.int32)
+    pmask = np.array([[0, 1, 1], [1, 1, 1]], np.int32)
+    out = SimpleNamespace(tokens=jnp.asarray([[11, 12, 13, 15, 16, 17], [14, EOS] + [PAD] * 4],
+                                             jnp.int32),
+                          mask=jnp.asarray([[1] * 6, [1, 1, 0, 0, 0, 0]], jnp.float32),
+                          finished=jnp.asarray([False, True]))
+    packed, _ = pg.pack(jnp.asarray(pmask), out)
+    assert packed.source.shape == (1, 16)          # 2 + 6 + EOS, and 3 + 2, in one row
+
+    def scores(params, prompt, packed):
+        flat = packed_rollouts.flat_tokens(jnp.concatenate([prompt, out.tokens], 1), EOS)
+        return pg.rm_scores(rm, params, flat, packed, out.finished, _hp())
+    got, penalised = jax.jit(scores)(params, prompt, packed)
+    cut = np.asarray(_apply(rm, params, np.array([[0, 5, 6, 11, 12, 13, 15, 16, 17, EOS]]),
+                            np.array([[0] + [1] * 9])))[0, 9]
+    done = np.asarray(_apply(rm, params, np.array([[1, 2, 3, 14, EOS, PAD]]),
+                             np.array([[1, 1, 1, 1, 1, 0]])))[0, 4]
     np.testing.assert_allclose(np.asarray(got), [cut, done], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(penalised), [cut - 1.5, done], rtol=1e-5, atol=1e-6)
 
 
 def test_reward_from_must_be_a_reward_model_with_the_policys_tokenizer(sft_workdir, tmp_path):

@@ -365,6 +365,15 @@ class Transformer(nn.Module):
         x, _ = self.hidden_states(tokens, attn_mask=attn_mask)
         return self.head(x[:, start:start + length])
 
+    def outputs_at_flat(self, tokens, index, attn_mask=None):
+        """The head's outputs at positions `index` (int [G, N], or [G]) of the
+        flattened [B * T] positions of `tokens`: packed rows
+        (rlhf_jax.packed_rollouts) read back per rollout."""
+        x, _ = self.hidden_states(tokens, attn_mask=attn_mask)
+        rows = index if index.ndim == 2 else index[:, None]          # [G, N] or [G, 1]
+        out = self.head(jnp.take(x.reshape(-1, x.shape[-1]), rows, axis=0))
+        return out if index.ndim == 2 else out[:, 0]
+
 
 def positions_from_mask(mask_BxT: Array) -> Array:
     """Positions of left- or right-padded rows: real tokens count 0, 1, 2, ...

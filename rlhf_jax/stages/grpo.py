@@ -15,7 +15,9 @@ One iteration:
                GRPO's (r - mean) / std, or RLOO's leave-one-out baseline), the
                same for all its tokens;
   4. update    E epochs x M minibatches of the clipped surrogate, as one
-               jitted `lax.scan`; the KL to the reference either in the loss
+               jitted `lax.scan`; scoring and the update run on packed rows,
+               several rollouts a row, as PPO's (packed_rollouts); the KL
+               to the reference either in the loss
                (`algo.kl_in="loss"`: kl_coef x the k3 estimate per token,
                DeepSeekMath) or in the reward before the group normalisation
                (`"reward"`: score - kl_coef x the k1 sum, as PPO's reward).
@@ -41,14 +43,16 @@ from typing import NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rlhf_jax import (checkpoint, inference, loop, rewards, rl, sampling, sharding,
+from rlhf_jax import (checkpoint, loop, packed_rollouts, rewards, rl, sampling, sharding,
                       train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.packed_rollouts import Packed
 from rlhf_jax.stages import policy_gradient as pg
 
 
@@ -69,23 +73,22 @@ def _join(params, train: GRPOState) -> GRPOState:
 class Rollout(NamedTuple):
     """A scored batch of B = prompts x G responses. P = prompt length, N = response length."""
     tokens: jax.Array               # [B, P+N] prompt (left-padded) + response (pad after EOS)
-    attn_mask: jax.Array            # [B, P+N]
     mask: jax.Array                 # [B, N] f32, 1 on response tokens up to and including EOS
     old_logp: jax.Array             # [B, N] policy log-probs, recomputed by the training forward
     ref_logp: jax.Array             # [B, N] the frozen reference's
     advantages: jax.Array           # [B] one per response
 
 
-def score_rollout(policy_params, ref_params, prompt_BxP, prompt_mask_BxP, response_BxN,
-                  mask_BxN, scores_B, *, model: Transformer, hp) -> tuple[Rollout, dict]:
+def score_rollout(policy_params, ref_params, prompt_BxP, response_BxN, mask_BxN, scores_B,
+                  packed: Packed, *, model: Transformer, hp) -> tuple[Rollout, dict]:
     """Steps 3 of the iteration: log-probs and group advantages (module doc).
-    `scores_B`: each response's reward, groups of `hp.group_size` consecutive rows."""
-    p = prompt_BxP.shape[1]
-    tokens, attn = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN,
-                                                   mask_BxN)
+    `scores_B`: each response's reward, groups of `hp.group_size` consecutive
+    rows; `packed`: the rollouts in packed rows (as PPO's, pg.pack)."""
+    tokens = jnp.concatenate([prompt_BxP, response_BxN], axis=1)
     mask = mask_BxN.astype(jnp.float32)
-    old_logp, ref_logp, logits = pg.rollout_logps(model, policy_params, ref_params, tokens, attn,
-                                                  response_BxN, p, hp.temperature)
+    old_logp, ref_logp, logits = pg.rollout_logps(
+        model, policy_params, ref_params, packed_rollouts.flat_tokens(tokens, hp.eos_id), packed,
+        response_BxN, hp.temperature)
     rewards_B = scores_B
     if hp.kl_in == "reward":
         rewards_B = rl.kl_penalised_scores(scores_B, old_logp, ref_logp, mask, hp.kl_coef)
@@ -100,34 +103,36 @@ def score_rollout(policy_params, ref_params, prompt_BxP, prompt_mask_BxP, respon
         "group_score_std": group_std.mean(),
         "zero_std_groups": (group_std == 0).astype(jnp.float32).mean(),
     }
-    return Rollout(tokens, attn, mask, old_logp, ref_logp, advantages), stats
+    return Rollout(tokens, mask, old_logp, ref_logp, advantages), stats
 
 
-def grpo_loss(policy_params, mb: Rollout, *, model: Transformer, hp, p: int):
-    n = mb.mask.shape[1]
-    logits = inference.response_outputs(model, policy_params, mb.tokens, mb.attn_mask, p, n)
-    logp = rl.logprobs_from_logits(logits, mb.tokens[:, p:], hp.temperature)
+def grpo_loss(policy_params, mb: Rollout, flat, packed: Packed, *, model: Transformer, hp):
+    logits = packed_rollouts.outputs(model, policy_params, flat, packed)
+    response = mb.tokens[:, mb.tokens.shape[1] - mb.mask.shape[1]:]
+    logp = rl.logprobs_from_logits(logits, response, hp.temperature)
     kl_coef = hp.kl_coef if hp.kl_in == "loss" else 0.0
     return rl.grpo_policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, hp.clip,
                                kl_coef)
 
 
-def grpo_update(state: GRPOState, rollout: Rollout, rng, *, model: Transformer, optimizer, hp,
-                p: int) -> tuple[GRPOState, dict]:
+def grpo_update(state: GRPOState, rollout: Rollout, idx, packed: Packed, *, model: Transformer,
+                optimizer, hp) -> tuple[GRPOState, dict]:
     """E epochs x M minibatches as one lax.scan, a fresh permutation of the
-    rollouts each epoch (their advantages are fixed: groups may be split)."""
-    b = rollout.mask.shape[0]
-    m = int(hp.minibatches)
+    rollouts each epoch (their advantages are fixed: groups may be split).
+    idx: [E*M, B/M] each minibatch's rollouts (pg.minibatch_indices);
+    packed: their packed rows (pg.pack)."""
+    flat = packed_rollouts.flat_tokens(rollout.tokens, hp.eos_id)
 
-    def minibatch_step(policy, idx):
+    def minibatch_step(policy, xs):
+        idx, packed_mb = xs
         mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), rollout)
         (loss, stats), grads = jax.value_and_grad(
-            functools.partial(grpo_loss, model=model, hp=hp, p=p), has_aux=True)(policy.params, mb)
+            functools.partial(grpo_loss, model=model, hp=hp), has_aux=True)(
+                policy.params, mb, flat, packed_mb)
         policy, upd = train_state.apply_update(policy, grads, loss, optimizer)
         return policy, dict(stats, loss=loss, **upd)
 
-    idx = pg.minibatch_indices(rng, b, hp.epochs, m)
-    policy, stats = jax.lax.scan(minibatch_step, state.policy, idx)
+    policy, stats = jax.lax.scan(minibatch_step, state.policy, (idx, packed))
     stats = jax.tree_util.tree_map(jnp.mean, stats)
     stats["nonfinite"] = policy.nonfinite
     return state.replace(step=state.step + 1, policy=policy), stats
@@ -212,17 +217,17 @@ def run(config, workdir: str, judge=None):
                                                                reward_model)
 
             @jax.jit
-            def rm_score_fn(prompt_BxP, mask_BxP, out):
-                tokens, attn = sampling.concat_prompt_response(
-                    jnp.repeat(prompt_BxP, g, axis=0), jnp.repeat(mask_BxP, g, axis=0),
-                    out.tokens, out.mask)
-                return pg.rm_scores(reward_model, reward_params, tokens, attn, p, out.mask,
-                                    out.finished, hp)[1]
+            def rm_score_fn(prompt_BxP, out, packed):
+                flat = packed_rollouts.flat_tokens(
+                    jnp.concatenate([prompt_BxP, out.tokens], axis=1), hp.eos_id)
+                return pg.rm_scores(reward_model, reward_params, flat, packed, out.finished,
+                                    hp)[1]
 
         score_fn = jax.jit(functools.partial(score_rollout, model=model, hp=hp))
         update_fn = jax.jit(functools.partial(grpo_update, model=model, optimizer=optimizer,
-                                              hp=hp, p=p),
-                            in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
+                                              hp=hp),
+                            in_shardings=(state_sh, None, None, None),
+                            out_shardings=(state_sh, None),
                             donate_argnums=0)
         base_rng = jax.random.PRNGKey(config.seed + 23)
         gold = rewards.gold_scorer(config, prompt_loader, tok, judge, repeats=g)
@@ -230,21 +235,29 @@ def run(config, workdir: str, judge=None):
         score_is_gold = gold is not None and config.reward_fn == "world"
         keep_tokens = gold is not None and not score_is_gold
 
+        shapes = set()      # packed shapes seen: each one compile of score_fn or update_fn
+
         def step_fn(state: GRPOState, it: int):
             rng = jax.random.fold_in(base_rng, it)
             batch = runtime.global_batch(prompt_loader.batch(it))
             out = rollout_fn(state.policy.params, batch["tokens"], batch["mask"],
                              jax.random.fold_in(rng, 0))
+            prompts = {k: jnp.repeat(batch[k], g, axis=0) for k in ("tokens", "mask")}
+            # The minibatches' rollouts, then every pass packed (waits for the sampler).
+            idx = np.asarray(pg.minibatch_indices(jax.random.fold_in(rng, 1), b * g,
+                                                  hp.epochs, hp.minibatches))
+            packed, packed_mbs = pg.pack(prompts["mask"], out, idx,
+                                         sharding.batch_devices(runtime.mesh))
             if reward is None:
-                scores = rm_score_fn(batch["tokens"], batch["mask"], out)
+                scores = rm_score_fn(prompts["tokens"], out, packed)
             else:
                 scores = reward(it, out.tokens)
-            rollout, stats = score_fn(state.policy.params, ref_params, jnp.repeat(
-                batch["tokens"], g, axis=0), jnp.repeat(batch["mask"], g, axis=0), out.tokens,
-                out.mask, scores)
+            rollout, stats = score_fn(state.policy.params, ref_params, prompts["tokens"],
+                                      out.tokens, out.mask, scores, packed)
             stats["eos_rate"] = out.finished.astype(jnp.float32).mean()
-            state, upd = update_fn(state, rollout, jax.random.fold_in(rng, 1))
-            metrics = {**stats, **upd}
+            state, upd = update_fn(state, rollout, idx, packed_mbs)
+            shapes.update({("score", packed.source.shape), ("update", packed_mbs.source.shape)})
+            metrics = {**stats, **upd, "packed_shapes": len(shapes)}
             if keep_tokens:
                 metrics["response_tokens"] = out.tokens
             return state, metrics

@@ -11,21 +11,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import checkpoint, inference, rl
+from rlhf_jax import checkpoint, packed_rollouts, rl
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.packed_rollouts import Packed
 
 
-def rollout_logps(model: Transformer, policy_params, ref_params, tokens, attn, response_BxN,
-                  p: int, temperature: float):
+def rollout_logps(model: Transformer, policy_params, ref_params, flat, packed: Packed,
+                  response_BxN, temperature: float):
     """(policy log-probs, reference log-probs, policy logits) of the response
-    tokens [B, N] in `tokens` (prompt of length p, then the response), by
-    teacher forcing: the training forward pass, not the sampler's numbers."""
-    n = response_BxN.shape[1]
+    tokens [B, N], by teacher forcing on the packed rows (`packed` places
+    the batch's tokens `flat`: packed_rollouts): the training forward pass,
+    not the sampler's numbers."""
 
     def logp_of(params):
-        logits = inference.response_outputs(model, params, tokens, attn, p, n)
+        logits = packed_rollouts.outputs(model, params, flat, packed)
         return rl.logprobs_from_logits(logits, response_BxN, temperature), logits
 
     old_logp, logits = logp_of(policy_params)
@@ -46,15 +47,28 @@ def rollout_stats(old_logp, ref_logp, logits, mask, temperature: float) -> dict:
     }
 
 
-def rm_scores(reward_model: Transformer, reward_params, tokens, attn, p: int, mask, finished_B,
-              hp):
+def rm_scores(reward_model: Transformer, reward_params, flat, packed: Packed, finished_B, hp):
     """(the RM's score, the score less `hp.missing_eos_penalty` for a response
-    without EOS) [B]; an unfinished response is read as its tokens + EOS
-    (inference.reward_scores)."""
-    last, _ = rl.last_token_index(mask)
-    score = inference.reward_scores(reward_model, reward_params, tokens, attn, p + last,
-                                    finished_B, hp.eos_id)
+    without EOS) [B], read at each rollout's last packed token: its EOS, or
+    for an unfinished response the EOS packed after it (as the RM was
+    trained: the text, then EOS)."""
+    score = packed_rollouts.outputs(reward_model, reward_params, flat, packed, at="last")
     return score, jnp.where(finished_B, score, score - hp.missing_eos_penalty)
+
+
+def pack(prompt_mask_BxP, out, idx=None, multiple: int = 1):
+    """The iteration's packed rows (packed_rollouts), planned on the host from
+    the lengths of the prompts and of the sampled responses `out` (so this
+    waits for the sampler): the whole batch, for scoring, and with `idx`
+    ([E*M, B/M], `minibatch_indices`) each minibatch of the update; row
+    counts a multiple of `multiple` (the batch devices). Returns (the
+    batch's Packed, the minibatches' or None)."""
+    p, n = prompt_mask_BxP.shape[1], out.tokens.shape[1]
+    lengths = packed_rollouts.host_lengths(prompt_mask_BxP, out.mask, out.finished)
+    whole = packed_rollouts.pack_batch(lengths, p=p, n=n, multiple=multiple)
+    if idx is None:
+        return whole, None
+    return whole, packed_rollouts.pack(idx, lengths, p=p, n=n, multiple=multiple)
 
 
 def minibatch_indices(rng, batch: int, epochs: int, minibatches: int):

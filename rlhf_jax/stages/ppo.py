@@ -2,9 +2,14 @@
 the SFT policy and the pretraining-loss mix (PPO-ptx), InstructGPT step 3.
 
 One iteration:
-  1. rollout   sample responses to a batch of prompts with the scan sampler;
+  1. rollout   sample responses to a batch of prompts (the sampler stops once
+               every response has ended);
   2. score     one teacher-forced pass of policy, reference, value and reward
-               models over prompt + response: old log-probs are recomputed by
+               models over prompt + response, several rollouts to a row
+               (packed_rollouts: each is computed as alone, on the tokens
+               the batch really has, not on P + N per rollout; the plan is
+               made on the host from the sampled lengths, so the iteration
+               waits for its sampling): old log-probs are recomputed by
                the training forward pass (the sampler's are not trusted), the
                RM score is read at the last real token, a response without
                EOS is penalised, the per-token reward is -beta * (log pi -
@@ -13,7 +18,8 @@ One iteration:
                after EOS;
   3. update    E epochs x M minibatches of the clipped policy loss, the
                clipped value loss and ptx_coef x the LM loss on pretraining
-               batches, as one jitted nested `lax.scan`; the EMA of policy
+               batches, as one jitted nested `lax.scan`, each minibatch's
+               rollouts packed as in scoring; the EMA of policy
                weights (if enabled) after every optimizer update;
   4. the adaptive KL coefficient, if enabled.
 
@@ -27,8 +33,8 @@ about 25 times the policy's and the reward barely moved the policy
 
 A response that ends without EOS (cut at max_new_tokens) is scored by the RM
 the way the RM saw such responses in training: the collect stage writes them
-as text, and the RM reads its score at an EOS appended to the text; the RM's
-pass here appends that EOS in one extra position (inference.reward_scores).
+as text, and the RM reads its score at an EOS appended to the text; the
+packed rows here have that EOS after the response, where the RM reads it.
 `missing_eos_penalty` (default 1, as TRL's; 0 turns it off) is then
 subtracted: the RM has seen few cut responses, so the penalty says what it
 may not have learnt.
@@ -36,7 +42,7 @@ may not have learnt.
 Dropout is off everywhere (the models are deterministic). The iterations
 run in the host loop every stage shares (rlhf_jax/loop.py): one iteration is
 a step, its metrics are read one iteration late, so the host prepares the
-next batch while the device still works on this one.
+next batch while the device still works on this one's scoring and update.
 
 Config: PPO's hyperparameters in `algo`, the rollouts' sampling in
 `sampling` (as in every sampling stage), `train` for the optimizer and the
@@ -50,15 +56,17 @@ from typing import Any, NamedTuple, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from rlhf_jax import (checkpoint, inference, loop, losses, rewards, rl, sampling, sharding,
+from rlhf_jax import (checkpoint, loop, losses, packed_rollouts, rewards, rl, sampling, sharding,
                       train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.packed_rollouts import Packed
 from rlhf_jax.stages import policy_gradient as pg
 
 
@@ -75,7 +83,6 @@ class PPOState:
 class Rollout(NamedTuple):
     """A scored batch. P = prompt length, N = response length."""
     tokens: jax.Array               # [B, P+N] prompt (left-padded) + response (pad after EOS)
-    attn_mask: jax.Array            # [B, P+N]
     mask: jax.Array                 # [B, N] f32, 1 on response tokens up to and including EOS
     old_logp: jax.Array             # [B, N] policy log-probs, recomputed by the training forward
     old_values: jax.Array           # [B, N] value of the state before each response token
@@ -94,23 +101,23 @@ class Models:
 
 
 def score_rollout(policy_params, ref_params, value_params, reward_params, prompt_BxP,
-                  prompt_mask_BxP, response_BxN, mask_BxN, finished_B, kl_coef, scores_B=None,
+                  response_BxN, mask_BxN, finished_B, kl_coef, packed: Packed, scores_B=None,
                   *, models: Models, hp) -> tuple[Rollout, dict]:
     """Step 2 of the iteration: log-probs, values, rewards, GAE (see module doc).
 
+    `packed`: the batch's rollouts in packed rows (packed_rollouts.pack_batch).
     `scores_B`: each response's score from a Python reward (`reward_fn`),
     which judges an unfinished response itself; None: the RM's score
     (`reward_params`), `missing_eos_penalty` off an unfinished one."""
-    p, n = prompt_BxP.shape[1], response_BxN.shape[1]
-    tokens, attn = sampling.concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxN,
-                                                   mask_BxN)
+    tokens = jnp.concatenate([prompt_BxP, response_BxN], axis=1)
+    flat = packed_rollouts.flat_tokens(tokens, hp.eos_id)
     mask = mask_BxN.astype(jnp.float32)
     old_logp, ref_logp, logits = pg.rollout_logps(models.policy, policy_params, ref_params,
-                                                  tokens, attn, response_BxN, p, hp.temperature)
-    values = inference.response_outputs(models.value, value_params, tokens, attn, p, n)
+                                                  flat, packed, response_BxN, hp.temperature)
+    values = packed_rollouts.outputs(models.value, value_params, flat, packed)
     if scores_B is None:
-        rm_score, score = pg.rm_scores(models.reward, reward_params, tokens, attn, p, mask,
-                                       finished_B, hp)
+        rm_score, score = pg.rm_scores(models.reward, reward_params, flat, packed, finished_B,
+                                       hp)
     else:
         rm_score = score = scores_B
 
@@ -128,20 +135,20 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, prompt
         "value_mean": rl.masked_mean(values, mask),
         "return_mean": rl.masked_mean(returns, mask),
     }
-    rollout = Rollout(tokens, attn, mask, old_logp, values, advantages, returns)
+    rollout = Rollout(tokens, mask, old_logp, values, advantages, returns)
     return rollout, stats
 
 
-def ppo_losses(policy_params, value_params, mb: Rollout, *, models: Models, hp, p: int):
-    """Clipped policy loss + vf_coef x clipped value loss (per-token means)."""
-    n = mb.mask.shape[1]
-    response = mb.tokens[:, p:]
-    logits = inference.response_outputs(models.policy, policy_params, mb.tokens, mb.attn_mask,
-                                        p, n)
+def ppo_losses(policy_params, value_params, mb: Rollout, flat, packed: Packed, *,
+               models: Models, hp):
+    """Clipped policy loss + vf_coef x clipped value loss (per-token means)
+    of minibatch `mb`, whose rollouts `packed` places in packed rows of the
+    batch's tokens `flat`."""
+    response = mb.tokens[:, mb.tokens.shape[1] - mb.mask.shape[1]:]
+    logits = packed_rollouts.outputs(models.policy, policy_params, flat, packed)
     logp = rl.logprobs_from_logits(logits, response, hp.temperature)
     pg_loss, pg_stats = rl.ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, hp.clip)
-    values = inference.response_outputs(models.value, value_params, mb.tokens, mb.attn_mask,
-                                        p, n)
+    values = packed_rollouts.outputs(models.value, value_params, flat, packed)
     vf_loss, vf_stats = rl.value_loss(values, mb.old_values, mb.returns, mb.mask, hp.vf_clip)
     total = pg_loss + hp.vf_coef * vf_loss
     return total, {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_stats, **vf_stats}
@@ -155,25 +162,28 @@ def ptx_loss(policy_params, ptx, *, models: Models):
     return loss
 
 
-def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng, *,
-               models: Models, policy_opt, value_opt, hp, p: int) -> tuple[PPOState, dict]:
+def ppo_update(state: PPOState, rollout: Rollout, idx, packed: Packed, ptx_batches,
+               observed_kl, *, models: Models, policy_opt, value_opt,
+               hp) -> tuple[PPOState, dict]:
     """E epochs x M minibatches as a nested lax.scan (the EMA follows every
     optimizer update); then the KL controller.
 
+    idx: [E*M, B/M] the rollouts of each minibatch (pg.minibatch_indices);
+    packed: their packed rows ([E*M, ...], packed_rollouts.pack_minibatches).
     ptx_batches: None, or a dict of arrays [E*M, b_ptx, L] (one pretraining
     batch a minibatch). observed_kl: the rollout's KL(pi || ref) per response,
     which drives the adaptive KL coefficient.
     """
     b = rollout.mask.shape[0]
-    m = hp.minibatches
+    flat = packed_rollouts.flat_tokens(rollout.tokens, hp.eos_id)
 
     def minibatch_step(carry, xs):
         policy, value, ema = carry
-        idx, ptx = xs
+        idx, packed_mb, ptx = xs
         mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), rollout)
 
         def loss_fn(pp, vp):
-            return ppo_losses(pp, vp, mb, models=models, hp=hp, p=p)
+            return ppo_losses(pp, vp, mb, flat, packed_mb, models=models, hp=hp)
 
         (loss, stats), (g_pol, g_val) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             policy.params, value.params)
@@ -195,9 +205,8 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx_batches, observed_kl, rng,
                      skipped=pu["skipped"])
         return (policy, value, ema), stats
 
-    idx = pg.minibatch_indices(rng, b, hp.epochs, m)                    # [E*M, B/M]
     (policy, value, ema), stats = jax.lax.scan(
-        minibatch_step, (state.policy, state.value, state.ema_params), (idx, ptx_batches))
+        minibatch_step, (state.policy, state.value, state.ema_params), (idx, packed, ptx_batches))
     applied = jnp.sum(1 - stats["skipped"]).astype(jnp.int32)     # policy updates made
     stats = jax.tree_util.tree_map(jnp.mean, stats)
 
@@ -280,6 +289,8 @@ def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_pa
     global array [B]); the iteration then waits for its own sampling."""
     base_rng = jax.random.PRNGKey(config.seed + 17)
     n = int(config.sampling.max_new_tokens)
+    batch_size = int(config.train.batch_size)
+    shapes = set()          # packed shapes seen: each one compile of score_fn or update_fn
 
     def step_fn(state: PPOState, it: int):
         rng = jax.random.fold_in(base_rng, it)
@@ -288,16 +299,22 @@ def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_pa
                               jax.random.fold_in(rng, 0), max_new_tokens=n, eos_id=tok.eos_id,
                               pad_id=tok.pad_id, temperature=hp.temperature)
         scores = None if host_reward is None else host_reward(it, out.tokens)
+        # The minibatches' rollouts, then every pass packed (waits for the sampler).
+        idx = np.asarray(pg.minibatch_indices(jax.random.fold_in(rng, 1), batch_size, hp.epochs,
+                                              hp.minibatches))
+        packed, packed_mbs = pg.pack(batch["mask"], out, idx,
+                                     sharding.batch_devices(runtime.mesh))
         rollout, stats = score_fn(state.policy.params, ref_params, state.value.params,
-                                  reward_params, batch["tokens"], batch["mask"], out.tokens,
-                                  out.mask, out.finished, state.kl_coef, scores)
+                                  reward_params, batch["tokens"], out.tokens, out.mask,
+                                  out.finished, state.kl_coef, packed, scores)
         ptx = None
         if ptx_loader is not None:
             ptx = runtime.global_batch(ptx_loader.batch(it))
             ptx = jax.tree_util.tree_map(
                 lambda x: x.reshape((hp.epochs * hp.minibatches, -1) + x.shape[1:]), ptx)
-        state, upd = update_fn(state, rollout, ptx, stats["kl"], jax.random.fold_in(rng, 1))
-        metrics = {**stats, **upd}
+        state, upd = update_fn(state, rollout, idx, packed_mbs, ptx, stats["kl"])
+        shapes.update({("score", packed.source.shape), ("update", packed_mbs.source.shape)})
+        metrics = {**stats, **upd, "packed_shapes": len(shapes)}
         if keep_tokens:
             metrics["response_tokens"] = out.tokens
         return state, metrics
@@ -384,8 +401,8 @@ def run(config, workdir: str, judge=None):
 
         score_fn = jax.jit(functools.partial(score_rollout, models=models, hp=hp))
         update_fn = jax.jit(functools.partial(ppo_update, models=models, policy_opt=policy_opt,
-                                              value_opt=value_opt, hp=hp, p=p),
-                            in_shardings=(state_sh, None, None, None, None),
+                                              value_opt=value_opt, hp=hp),
+                            in_shardings=(state_sh, None, None, None, None, None),
                             out_shardings=(state_sh, None), donate_argnums=0)
         meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
                     reward_from=config.reward_from, reward_fn=config.reward_fn)

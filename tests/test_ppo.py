@@ -253,12 +253,12 @@ def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, m
 
 
 def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, tmp_path,
-                                                       monkeypatch):
+                                                       monkeypatch, capsys):
     """With a zero reward model, the only signal is the penalty for responses
     without EOS: PPO must learn to end its responses. Over its 30 iterations
     the packed rows take a few shapes: scoring and the update are traced
-    (so compiled) at most four times each, and `ppo/packed_shapes` says how
-    many times in all."""
+    (so compiled) at most four times each; `ppo/packed_shapes` and the
+    console's closing line say how many times."""
     traces = {"score": 0, "update": 0}
 
     def counted(name, fn):
@@ -279,6 +279,9 @@ def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, 
     assert np.mean(eos[-5:]) > np.mean(eos[:5]) + 0.2, eos
     assert 1 <= traces["score"] <= 4 and 1 <= traces["update"] <= 4, traces
     assert rows[-1]["ppo/packed_shapes"] == traces["score"] + traces["update"]
+    line = [x for x in capsys.readouterr().out.splitlines() if "packed rows compiled" in x]
+    assert line and line[0].startswith(f"[ppo] packed rows compiled: scoring {traces['score']} ")
+    assert f"update {traces['update']} " in line[0]
 
 
 def short_reward(prompt, response, finished):

@@ -235,7 +235,7 @@ def run(config, workdir: str, judge=None):
         score_is_gold = gold is not None and config.reward_fn == "world"
         keep_tokens = gold is not None and not score_is_gold
 
-        shapes = set()      # packed shapes seen: each one compile of score_fn or update_fn
+        shapes = set()
 
         def step_fn(state: GRPOState, it: int):
             rng = jax.random.fold_in(base_rng, it)
@@ -256,17 +256,19 @@ def run(config, workdir: str, judge=None):
                                       out.tokens, out.mask, scores, packed)
             stats["eos_rate"] = out.finished.astype(jnp.float32).mean()
             state, upd = update_fn(state, rollout, idx, packed_mbs)
-            shapes.update({("score", packed.source.shape), ("update", packed_mbs.source.shape)})
-            metrics = {**stats, **upd, "packed_shapes": len(shapes)}
+            metrics = {**stats, **upd,
+                       "packed_shapes": pg.packed_shapes(shapes, packed, packed_mbs)}
             if keep_tokens:
                 metrics["response_tokens"] = out.tokens
             return state, metrics
 
         meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
                     reward_from=config.reward_from, reward_fn=config.reward_fn)
-        return loop.run(loop.Loop(
+        state = loop.run(loop.Loop(
             stage="grpo", train=t, workdir=workdir, state=state, state_shardings=state_sh,
             step_fn=step_fn, meta=meta,
             host_metrics=pg.host_metrics_fn(b * g, gold, score_is_gold),
             progress_keys=("score", "kl", "gold_score"), step_name="iteration",
             split=GRPOState.split, join=_join))
+        pg.say_packed_shapes("grpo", shapes)
+        return state

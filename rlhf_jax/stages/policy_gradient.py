@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import checkpoint, packed_rollouts, rl
+from rlhf_jax import checkpoint, console, packed_rollouts, rl
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.transformer import Transformer
@@ -69,6 +69,24 @@ def pack(prompt_mask_BxP, out, idx=None, multiple: int = 1):
     if idx is None:
         return whole, None
     return whole, packed_rollouts.pack(idx, lengths, p=p, n=n, multiple=multiple)
+
+
+def packed_shapes(shapes: set, packed: Packed, packed_mbs: Packed) -> int:
+    """Adds an iteration's packed shapes to `shapes` (scoring's rows, the
+    update's); returns how many there were so far: each a compile of the
+    scoring or of the update function (at most four each, packed_rollouts)."""
+    shapes.update({("score", packed.source.shape), ("update", packed_mbs.source.shape)})
+    return len(shapes)
+
+
+def say_packed_shapes(label: str, shapes: set):
+    """One console line: the packed shapes (so the compiles) of the run."""
+    if not shapes:
+        return
+    rows = {kind: sorted(str(s[-2]) for k, s in shapes if k == kind) for kind in ("score", "update")}
+    console.say(f"[{label}] packed rows compiled: scoring {len(rows['score'])} "
+                f"({', '.join(rows['score'])} rows), update {len(rows['update'])} "
+                f"({', '.join(rows['update'])} rows a minibatch)")
 
 
 def minibatch_indices(rng, batch: int, epochs: int, minibatches: int):

@@ -281,16 +281,17 @@ def saved_params(state: PPOState, ema_decay: float):
 
 def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_params, score_fn,
                  update_fn, prompt_loader, ptx_loader, keep_tokens: bool = False,
-                 host_reward=None):
+                 host_reward=None, shapes: Optional[set] = None):
     """`step_fn(state, it)` of the loop: one PPO iteration (module doc),
     dispatched without waiting for the device. `keep_tokens` adds the
     sampled tokens to the metrics (for the gold score, read on the host).
     `host_reward(it, tokens)`: the rollouts' scores from a Python reward (a
-    global array [B]); the iteration then waits for its own sampling."""
+    global array [B]); the iteration then waits for its own sampling.
+    `shapes` collects the packed rows' shapes (pg.packed_shapes)."""
     base_rng = jax.random.PRNGKey(config.seed + 17)
     n = int(config.sampling.max_new_tokens)
     batch_size = int(config.train.batch_size)
-    shapes = set()          # packed shapes seen: each one compile of score_fn or update_fn
+    shapes = set() if shapes is None else shapes
 
     def step_fn(state: PPOState, it: int):
         rng = jax.random.fold_in(base_rng, it)
@@ -313,8 +314,8 @@ def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_pa
             ptx = jax.tree_util.tree_map(
                 lambda x: x.reshape((hp.epochs * hp.minibatches, -1) + x.shape[1:]), ptx)
         state, upd = update_fn(state, rollout, idx, packed_mbs, ptx, stats["kl"])
-        shapes.update({("score", packed.source.shape), ("update", packed_mbs.source.shape)})
-        metrics = {**stats, **upd, "packed_shapes": len(shapes)}
+        metrics = {**stats, **upd,
+                   "packed_shapes": pg.packed_shapes(shapes, packed, packed_mbs)}
         if keep_tokens:
             metrics["response_tokens"] = out.tokens
         return state, metrics
@@ -408,10 +409,13 @@ def run(config, workdir: str, judge=None):
                     reward_from=config.reward_from, reward_fn=config.reward_fn)
         gold = rewards.gold_scorer(config, prompt_loader, tok, judge)
         score_is_gold = gold is not None and config.reward_fn == "world"
+        shapes = set()
         step_fn = iteration_fn(config, runtime, models, hp, tok, ref_params, reward_params,
                                score_fn, update_fn, prompt_loader, ptx_loader,
                                keep_tokens=gold is not None and not score_is_gold,
-                               host_reward=host_reward)
-        return loop.run(make_loop(config, workdir, state, state_sh, step_fn, meta, hp,
-                                  pg.host_metrics_fn(b, gold, score_is_gold)))
+                               host_reward=host_reward, shapes=shapes)
+        state = loop.run(make_loop(config, workdir, state, state_sh, step_fn, meta, hp,
+                                   pg.host_metrics_fn(b, gold, score_is_gold)))
+        pg.say_packed_shapes("ppo_ptx" if hp.ptx_coef > 0 else "ppo", shapes)
+        return state
 

@@ -33,7 +33,6 @@ def algo_config(**overrides):
         epochs=1,
         minibatches=4,           # optimizer updates per epoch
         missing_eos_penalty=1.0, # off the RM score of a response without EOS (not reward_fn's)
-        gold_eval=True,          # log the rollouts' gold score (world prompts)
     ))
     h.update(overrides)
     return h
@@ -45,6 +44,7 @@ def get_config(arg: str = ""):
     c.reward_from = ""
     c.reward_fn = ""
     c.data.path = "tfds:instruction_world/ppo_prompts"
+    c.train.gold_eval = True     # log the rollouts' gold score (world prompts)
     c.algo = algo_config()
     c.sampling = base.sampling_config(greedy=False, temperature=1.0, max_new_tokens=48)
     c.train.update(dict(steps=40, batch_size=16, lr=3e-5, warmup_steps=0, end_lr_ratio=1.0,

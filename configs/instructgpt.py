@@ -70,8 +70,8 @@ def get_config(arg: str = ""):
     c.ppo.train.update(dict(steps=40, batch_size=64, lr=3e-5, checkpoint_every=20))
     # ptx 0.15 on 4 documents a minibatch: PPO-ptx's pretraining loss well
     # below plain PPO's at PPO's gold (BENCHMARKS.md, "Issue 27").
-    c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_coef=0.15, ptx_batch_size=4,
-                          value_lr=1e-4, kl_coef=0.1))
+    c.ppo.data.ptx_batch_size = 4
+    c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_coef=0.15, value_lr=1e-4, kl_coef=0.1))
     c.evaluate.policies.update(dict(pretrained="", sft="", ppo="", ppo_ptx=""))
 
     if arg == "tiny":

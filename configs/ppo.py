@@ -48,12 +48,10 @@ def algo_config(**overrides):
         # the LM gradient was ~25x the policy's and the reward barely moved
         # the policy (BENCHMARKS.md).
         ptx_coef=1.0,
-        ptx_batch_size=8,        # pretraining rows per minibatch update
         missing_eos_penalty=1.0, # subtracted from the RM score of a response without EOS
         # EMA of the policy weights, one update per optimizer step, read
         # bias-corrected; 0.992 in the paper, 0 disables it.
         ema_decay=0.0,
-        gold_eval=True,          # log the gold labeler's score of each rollout (world prompts)
     ))
     h.update(overrides)
     return h
@@ -69,6 +67,8 @@ def get_config(arg: str = ""):
     c.reward_fn = ""
     c.data.path = "tfds:instruction_world/ppo_prompts"
     c.data.ptx_path = "tfds:instruction_world/corpus"
+    c.data.ptx_batch_size = 8    # pretraining rows per minibatch update (ptx_coef > 0)
+    c.train.gold_eval = True     # log the gold labeler's score of each rollout (world prompts)
     c.algo = algo_config()
     # world responses are at most 42 tokens with EOS (a flawed `repeat`
     # demonstration, `Sure! ` and 4 x 8 letters). top_k / top_p must stay
@@ -80,7 +80,8 @@ def get_config(arg: str = ""):
     if arg == "tiny":
         c.data.path = "tfds:instruction_world/ppo_prompts_tiny"
         c.data.ptx_path = "tfds:instruction_world/corpus_tiny"
-        c.algo.update(dict(minibatches=2, ptx_batch_size=4))
+        c.algo.minibatches = 2
+        c.data.ptx_batch_size = 4
         c.sampling.max_new_tokens = 12
         c.train.update(dict(steps=4, batch_size=8, checkpoint_every=2))
     elif arg:

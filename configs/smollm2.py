@@ -45,7 +45,8 @@ def get_config(arg: str = ""):
         c.rm.train.update(dict(steps=0, epochs=1.0, batch_size=4, lr=1e-5, warmup_steps=2,
                                eval_every=1000, eval_batches=2, checkpoint_every=1000, log_every=2))
         c.ppo.train.update(dict(steps=4, batch_size=8, lr=2e-6, checkpoint_every=4))
-        c.ppo.algo.update(dict(minibatches=2, epochs=1, ptx_batch_size=2, value_lr=1e-5))
+        c.ppo.algo.update(dict(minibatches=2, epochs=1, value_lr=1e-5))
+        c.ppo.data.ptx_batch_size = 2
         c.ppo.sampling.max_new_tokens = 24
         c.methods = ("ppo_ptx",)
         c.evaluate.data.max_prompts = 144          # 16 per category (eval_prompts interleaves)
@@ -60,7 +61,8 @@ def get_config(arg: str = ""):
         c.rm.train.update(dict(steps=0, epochs=1.0, batch_size=32, lr=1e-5, warmup_steps=10,
                                eval_every=100, checkpoint_every=200))
         c.ppo.train.update(dict(steps=200, batch_size=64, lr=2e-6, checkpoint_every=50))
-        c.ppo.algo.update(dict(minibatches=4, epochs=2, ptx_batch_size=8, value_lr=1e-5))
+        c.ppo.algo.update(dict(minibatches=4, epochs=2, value_lr=1e-5))
+        c.ppo.data.ptx_batch_size = 8
         c.evaluate.batch_size = 384
     else:
         raise ValueError(f"unknown variant {arg!r} of configs/smollm2.py (expected '' or 'gpu')")

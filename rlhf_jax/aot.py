@@ -251,7 +251,7 @@ def supervised_steps(config, runtime, cfg) -> list[Step]:
 
 def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     """PPO's rollout (`sampling.sample`), `score_rollout` and `ppo_update`,
-    jitted as `stages.ppo.run` jits them, with the iteration's resident
+    jitted by the stage's own `ppo.jit_steps`, with the iteration's resident
     state: policy and value TrainStates, reference and reward params."""
     from rlhf_jax import checkpoint, packed_rollouts, sampling, sharding, train_state
     from rlhf_jax.errors import ConfigError
@@ -310,7 +310,6 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
             outputs=_sds(lead + (g, n), jnp.int32, rep), last=_sds(lead + (g,), jnp.int32, rep))
     score_args = (policy.params, ref_params, value.params, reward_params, prompt, response, mask,
                   finished, state.kl_coef, packed(0, b))
-    score = jax.jit(functools.partial(ppo.score_rollout, models=models, hp=hp))
     score_flops = (2 * forward_flops(cfg_lm, b, w, w, n) + forward_flops(cfg_scalar, b, w, w, n)
                    + forward_flops(cfg_scalar, b, w, w, 1))
 
@@ -321,7 +320,7 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
                           advantages=bn(jnp.float32), returns=bn(jnp.float32))
     ptx, ptx_flops = None, 0.0
     if hp.ptx_coef > 0:
-        b_ptx, l_ptx = int(config.algo.ptx_batch_size), int(config.data.max_len)
+        b_ptx, l_ptx = int(config.data.ptx_batch_size), int(config.data.max_len)
         ptx_sh = NamedSharding(mesh, sharding._fit(P(None, sharding.BATCH_AXES, None),
                                                    (n_updates, b_ptx, l_ptx), mesh))
         ptx = {k: _sds((n_updates, b_ptx, l_ptx), dt, ptx_sh) for k, dt in
@@ -330,11 +329,7 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     mb = b // hp.minibatches
     update_flops = ptx_flops + n_updates * (train_flops(cfg_lm, mb, w, n)
                                             + train_flops(cfg_scalar, mb, w, n))
-    state_sh = _shardings(state)
-    update = jax.jit(functools.partial(ppo.ppo_update, models=models, policy_opt=policy_opt,
-                                       value_opt=value_opt, hp=hp),
-                     in_shardings=(state_sh, None, None, None, None, None),
-                     out_shardings=(state_sh, None), donate_argnums=0)
+    score, update = ppo.jit_steps(models, hp, policy_opt, value_opt, _shardings(state))
     idx = _sds((n_updates, mb), jnp.int32, rep)
     update_args = (state, rollout, idx, packed(n_updates, mb), ptx, _sds((), jnp.float32, rep))
     return [

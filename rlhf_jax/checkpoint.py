@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import zlib
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
@@ -256,8 +256,30 @@ def _reading(directory: str, step: int):
             "checkpoint") from None
 
 
-def read_meta(path: str) -> dict:
+class Source(NamedTuple):
+    """A finished checkpoint opened once: where it is (`resolve`) and its
+    meta, read once. What the functions that read a checkpoint's params
+    take instead of a path, so a stage reads each meta once."""
+    path: str
+    directory: str
+    step: int
+    meta: dict
+
+
+def open_source(path) -> Source:
+    """`path` (a stage workdir, checkpoints dir or step dir) resolved and
+    its meta read; a Source is returned as it is."""
+    if isinstance(path, Source):
+        return path
     directory, step = resolve(path)
+    return Source(path, directory, step, _read_meta_at(directory, step))
+
+
+def read_meta(path: str) -> dict:
+    return _read_meta_at(*resolve(path))
+
+
+def _read_meta_at(directory: str, step: int) -> dict:
     mngr = ocp.CheckpointManager(directory, options=_read_only())
     try:
         with _reading(directory, step):
@@ -304,10 +326,12 @@ def export_params(path: str, dest: str) -> int:
     return step
 
 
-def load_params(path: str, params_like):
-    """Params only, from another stage's checkpoint, into `params_like`'s shardings."""
-    directory, step = resolve(path)
-    sums = (read_meta(path).get("checksums") or {}).get("params")
+def load_params(path, params_like):
+    """Params only, from another stage's checkpoint (a path or a Source),
+    into `params_like`'s shardings."""
+    source = open_source(path)
+    directory, step = source.directory, source.step
+    sums = (source.meta.get("checksums") or {}).get("params")
     mngr = ocp.CheckpointManager(directory, options=_read_only())
     try:
         with _reading(directory, step):
@@ -354,20 +378,24 @@ def put(tree, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
-def load_params_from(path: str, runtime: sharding.Runtime, target_params, target_shardings):
-    """Params of the checkpoint at `path`, restored directly into this stage's
-    shardings and grafted onto `target_params` (heads may differ)."""
-    src_model = Transformer(saved_model_config(read_meta(path)))
+def load_params_from(path, runtime: sharding.Runtime, target_params, target_shardings):
+    """Params of the checkpoint at `path` (or a Source), restored directly
+    into this stage's shardings and grafted onto `target_params` (heads may
+    differ)."""
+    path = open_source(path)
+    src_model = Transformer(saved_model_config(path.meta))
     source = load_params(path, restore_target(src_model, runtime)[0])
     return put(graft_params(target_params, source), target_shardings)
 
 
-def restore_model_params(path: str, runtime: sharding.Runtime, model: Transformer, rng=None):
+def restore_model_params(path, runtime: sharding.Runtime, model: Transformer, rng=None):
     """`model`'s params from the checkpoint at `path`, restored straight into
     their shardings (no random init, no compile) when the checkpoint has the
     same head; otherwise initialised from `rng` (default key 0) and grafted
-    (e.g. a value model from an SFT checkpoint). Returns (params, shardings)."""
-    if read_meta(path).get("model", {}).get("head", "lm") == model.cfg.head:
+    (e.g. a value model from an SFT checkpoint). `path`: or a Source.
+    Returns (params, shardings)."""
+    path = open_source(path)
+    if path.meta.get("model", {}).get("head", "lm") == model.cfg.head:
         like, shardings = restore_target(model, runtime)
         return load_params(path, like), shardings
     params, shardings = runtime.init_params(model, jax.random.PRNGKey(0) if rng is None else rng)

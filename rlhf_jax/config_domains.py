@@ -164,6 +164,7 @@ DOMAINS: dict[str, Domain] = {
     "data.max_prompt_len": NONNEG,
     "data.data_dir": STR,
     "data.pack": BOOL,
+    "data.ptx_batch_size": COUNT,
     "data.split": STR,
     "data.demos_path": STR,
     "data.demos_records": COUNT,
@@ -177,6 +178,7 @@ DOMAINS: dict[str, Domain] = {
 
     # train: the optimiser and the loop.
     "train.steps": NONNEG,           # rm, dpo: 0 = train.epochs passes
+    "train.gold_eval": BOOL,         # ppo, grpo: log the rollouts' gold score
     "train.epochs": POSITIVE,
     "train.batch_size": COUNT,
     "train.lr": POSITIVE,
@@ -216,10 +218,8 @@ DOMAINS: dict[str, Domain] = {
     "algo.minibatches": COUNT,
     "algo.whiten_advantages": BOOL,
     "algo.ptx_coef": RATE,
-    "algo.ptx_batch_size": COUNT,
     "algo.missing_eos_penalty": RATE,
     "algo.ema_decay": Num(0, 1, hi_open=True),
-    "algo.gold_eval": BOOL,
     "algo.group_size": Int(2),
     "algo.advantage": OneOf(*rl.ADVANTAGE_KINDS),
     "algo.scale_by_std": BOOL,

@@ -90,7 +90,7 @@ def gold_scorer(config, prompt_loader, tok, judge: Optional[Reward], repeats: in
     when a judge is given and the prompts are its world's (single process:
     the whole batch must be on this host). `repeats`: consecutive rollouts
     per prompt (GRPO's groups)."""
-    if judge is None or not config.algo.gold_eval or jax.process_count() > 1:
+    if judge is None or not config.train.gold_eval or jax.process_count() > 1:
         return None
     prompts = prompt_loader.source
     try:

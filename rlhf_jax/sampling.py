@@ -1,7 +1,7 @@
 """Rollouts: one jitted function, prefill then chunked `lax.scan` decode over a
 static KV cache, stopping once every row has ended.
 
-Both run the model's decode path (`transformer.decode`): the layer stack is
+Both run the model's decode path (`models.decoding.decode`): the layer stack is
 split into per-layer weights once per call, so no step copies weights or
 cache (on a 2-core CPU the decode step got 2x faster at the bench's TINY
 config; BENCHMARKS.md).
@@ -24,8 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.transformer import (Transformer, decode, decoding_params, init_layer_caches,
-                                         positions_from_mask)
+from rlhf_jax.models.decoding import decode, decoding_params, init_layer_caches
+from rlhf_jax.models.transformer import Transformer, positions_from_mask
 
 
 class SampleOutput(NamedTuple):

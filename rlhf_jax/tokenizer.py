@@ -124,5 +124,16 @@ def decode_response(tok, ids: Sequence[int]) -> tuple[str, bool]:
 def signature(tok) -> tuple:
     """What two tokenizers must share for one's token ids to mean the same to
     the other's models (policies judged on one prompt set, an RM scoring a
-    policy's samples)."""
-    return (type(tok).__name__, tok.vocab_size, tok.eos_id, tok.pad_id, tok.prompt_format)
+    policy's samples): the vocabulary itself (a hash of every token and its
+    id, not its size: two vocabularies of one size may differ), the special
+    ids and the prompt format."""
+    return (type(tok).__name__, vocabulary_hash(tok), tok.eos_id, tok.pad_id, tok.prompt_format)
+
+
+def vocabulary_hash(tok) -> str:
+    """SHA-256 of the (token, id) pairs, sorted by id; the byte tokenizer's is fixed."""
+    import hashlib
+    if isinstance(tok, ByteTokenizer):
+        return f"byte-{tok.vocab_size}"
+    pairs = sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{i}\t{t}" for t, i in pairs).encode()).hexdigest()

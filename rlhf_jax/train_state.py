@@ -74,11 +74,15 @@ def optimizer_shardings(optimizer, params, param_shardings, replicated):
 
 
 def create_train_state(runtime: sharding.Runtime, model: Transformer, optimizer, seed: int,
-                       init_from: str = "", params=None):
-    """A sharded TrainState: params from `params`, else `init_from`, else random."""
+                       init_from: str = "", params=None, restored=None):
+    """A sharded TrainState: params from `params`, else `init_from`, else random;
+    or `restored` (params, shardings), already in this run's shardings
+    (stages.roles), used as they are."""
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
-    if init_from and params is None:
+    if restored is not None:
+        fresh, shardings = restored
+    elif init_from and params is None:
         fresh, shardings = checkpoint.restore_model_params(init_from, runtime, model, init_rng)
     else:
         fresh, shardings = runtime.init_params(model, init_rng)

@@ -194,3 +194,33 @@ def without_tensorboard(env: dict) -> dict:
         _NO_TENSORBOARD.append(root)
     path = os.pathsep.join(p for p in (_NO_TENSORBOARD[0], env.get("PYTHONPATH")) if p)
     return dict(env, PYTHONPATH=path)
+
+
+def count_checkpoint_reads(monkeypatch):
+    """Counts, per checkpoint directory, the reads of a checkpoint's meta
+    and the restores of its params (a spy on checkpoint.py's two readers):
+    a Counter of ("meta" | "params", directory)."""
+    import collections
+    import os
+    from rlhf_jax import checkpoint
+    reads = collections.Counter()
+    read_meta_at, load_params = checkpoint._read_meta_at, checkpoint.load_params
+
+    def meta_spy(directory, step):
+        reads["meta", os.path.realpath(directory)] += 1
+        return read_meta_at(directory, step)
+
+    def params_spy(path, like):
+        source = path if isinstance(path, checkpoint.Source) else None
+        directory = source.directory if source else checkpoint.resolve(path)[0]
+        reads["params", os.path.realpath(directory)] += 1
+        return load_params(path, like)
+
+    monkeypatch.setattr(checkpoint, "_read_meta_at", meta_spy)
+    monkeypatch.setattr(checkpoint, "load_params", params_spy)
+    return reads
+
+
+def checkpoints_dir(workdir: str) -> str:
+    import os
+    return os.path.realpath(os.path.join(workdir, "checkpoints"))

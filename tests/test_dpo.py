@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (assert_trees_equal, init_params, load_config, micro_model, run_interrupted,
-                     world_comparisons, write_jsonl)
+from helpers import (assert_trees_equal, checkpoints_dir, count_checkpoint_reads, init_params,
+                     load_config, micro_model, run_interrupted, world_comparisons, write_jsonl)
 from rlhf_jax import checkpoint, config_domains, inference, losses, sharding, stages
 from rlhf_jax.data import pipeline
 from rlhf_jax.errors import ConfigError
@@ -216,7 +216,12 @@ def test_resume_is_bit_identical(dpo_run, tmp_path, monkeypatch, capsys):
                    **{"train.checkpoint_every": 8})
     run_interrupted(monkeypatch, cfg, str(tmp_path / "resumed"), step=12)
     assert checkpoint.resolve(str(tmp_path / "resumed"))[1] == 8
+    reads = count_checkpoint_reads(monkeypatch)
     stages.run(cfg, str(tmp_path / "resumed"))
+    monkeypatch.undo()
+    # init_from's meta and params read once (the reference is the policy's start).
+    assert reads["meta", checkpoints_dir(cfg.init_from)] == 1, reads
+    assert reads["params", checkpoints_dir(cfg.init_from)] == 1, reads
     assert_trees_equal(checkpoint.load_saved_params(dpo_run["workdir"]),
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
     # Re-running the finished stage restores it: no reference pass, no step.

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_trees_equal, init_params, load_config, run_interrupted
+from helpers import (assert_trees_equal, checkpoints_dir, count_checkpoint_reads, init_params,
+                     load_config, run_interrupted)
 from rlhf_jax import checkpoint, inference, rl, sampling, stages
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
@@ -228,14 +229,21 @@ def test_gold_reward_metrics_and_exact_resume(micro_sft, tmp_path, monkeypatch):
                        checkpoint.load_saved_params(str(tmp_path / "resumed")))
 
 
-def test_a_reward_that_never_differs_teaches_nothing(micro_sft, tmp_path):
+def test_a_reward_that_never_differs_teaches_nothing(micro_sft, tmp_path, monkeypatch):
     """Every group's rewards tie (the zero-head RM scores 0; a constant Python
     reward): all advantages are 0, and without the KL term the policy stays
-    the SFT policy exactly."""
+    the SFT policy exactly. Each checkpoint is read once (stages/roles.py)."""
     for name, kw in (("rm", dict(reward_from=micro_sft["rm"], **{"algo.missing_eos_penalty": 0.0})),
                      ("fn", dict(reward_fn="test_grpo:constant_reward"))):
         cfg = _config(micro_sft, tmp_path, **{"train.steps": 2, "algo.kl_coef": 0.0, **kw})
+        reads = count_checkpoint_reads(monkeypatch)
         stages.run(cfg, str(tmp_path / name))
+        monkeypatch.undo()
+        sources = [micro_sft["sft"]] + ([micro_sft["rm"]] if name == "rm" else [])
+        for workdir in sources:
+            assert reads["meta", checkpoints_dir(workdir)] == 1, reads
+            assert reads["params", checkpoints_dir(workdir)] == 1, reads
+        assert reads["meta", checkpoints_dir(micro_sft["rm"])] == (name == "rm")
         rows = read_metrics(str(tmp_path / name), "grpo")
         assert all(r["grpo/zero_std_groups"] == 1.0 for r in rows), name
         assert_trees_equal(checkpoint.load_saved_params(str(tmp_path / name)),

@@ -73,7 +73,7 @@ def test_two_processes_equal_one_process_ppo(tmp_path, micro_sft):
     overrides = [f"--config.init_from={sft}", f"--config.reward_from={rm}",
                  f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=3",
                  "--config.train.batch_size=8", "--config.sampling.max_new_tokens=8",
-                 "--config.algo.ptx_batch_size=4", "--config.algo.ptx_coef=0.5",
+                 "--config.data.ptx_batch_size=4", "--config.algo.ptx_coef=0.5",
                  "--config.train.lr=1e-3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
                  "--config.mesh.tensor=2"]
     _single("configs/ppo.py:tiny", str(tmp_path / "one"), overrides)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from helpers import init_params
-from rlhf_jax.models.transformer import (ModelConfig, Transformer, decode, decoding_params,
-                                         expand_layers, init_cache, init_layer_caches, positions_from_mask)
+from rlhf_jax.models.decoding import decode, decoding_params, init_layer_caches
+from rlhf_jax.models.transformer import (ModelConfig, Transformer, expand_layers, init_cache,
+                                         positions_from_mask)
 
 LLAMA = ModelConfig(arch="llama", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
                     intermediate=96, max_len=64)

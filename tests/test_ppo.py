@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (ROOT, assert_trees_equal, init_params, load_config, reward_model_from,
-                     run_interrupted)
+from helpers import (ROOT, assert_trees_equal, checkpoints_dir, count_checkpoint_reads,
+                     init_params, load_config, reward_model_from, run_interrupted)
 from rlhf_jax import checkpoint, sampling, stages
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -222,7 +222,8 @@ def _ppo_config(sft, rm=None, **kw):
     cfg.init_from = sft
     cfg.reward_from = rm or os.path.join(os.path.dirname(sft), "rm")
     cfg.train.update(dict(steps=4, batch_size=8, lr=1e-3, checkpoint_every=2))
-    cfg.algo.update(dict(ptx_coef=0.5, ptx_batch_size=4))
+    cfg.algo.ptx_coef = 0.5
+    cfg.data.ptx_batch_size = 4
     cfg.sampling.max_new_tokens = 8
     return override(cfg, **kw)
 
@@ -230,7 +231,14 @@ def _ppo_config(sft, rm=None, **kw):
 def test_ppo_stage_metrics_and_exact_resume(sft_workdir, rm_workdir, tmp_path, monkeypatch):
     """Resume covers the whole PPO state: both optimizers, KL controller, EMA."""
     cfg = _ppo_config(sft_workdir, **{"algo.ema_decay": 0.9, "algo.adaptive_kl": True})
+    reads = count_checkpoint_reads(monkeypatch)
     stages.run(cfg, str(tmp_path / "full"))
+    # Each checkpoint read once (stages/roles.py): SFT's meta and params for
+    # the policy and the reference, the RM's for the value and reward models.
+    for workdir in (sft_workdir, rm_workdir):
+        assert reads["meta", checkpoints_dir(workdir)] == 1, reads
+        assert reads["params", checkpoints_dir(workdir)] == 1, reads
+    monkeypatch.undo()
     rows = read_metrics(str(tmp_path / "full"), "ppo")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("score", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac",
@@ -271,7 +279,7 @@ def test_ppo_raises_eos_rate_under_missing_eos_penalty(sft_workdir, rm_workdir, 
     cfg = _ppo_config(sft_workdir, **{"train.steps": 30, "train.checkpoint_every": 30,
                                       "algo.ptx_coef": 0.0, "sampling.max_new_tokens": 6,
                                       "algo.missing_eos_penalty": 2.0, "algo.kl_coef": 0.0,
-                                      "algo.gold_eval": False, "algo.value_lr": 1e-2,
+                                      "train.gold_eval": False, "algo.value_lr": 1e-2,
                                       "train.lr": 3e-3, "train.batch_size": 16})
     stages.run(cfg, str(tmp_path / "ppo"))
     rows = read_metrics(str(tmp_path / "ppo"), "ppo")

@@ -373,23 +373,25 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     from rlhf_jax.stages import policy_gradient as pg, ppo
 
     cfg = load_config("ppo", "tiny")
-    cfg.algo.gold_eval = False
-    cfg.train.update(dict(steps=6, checkpoint_every=4, max_nonfinite_steps=3))
+    cfg.train.gold_eval = False
+    cfg.train.update(dict(steps=6, checkpoint_every=4, max_nonfinite_steps=3, batch_size=2))
     nonfinite = nonfinite or {}
 
     monkeypatch.setattr(sampling, "sample", lambda model, params, tokens, mask, rng, **kw:
                         types.SimpleNamespace(tokens=tokens, mask=mask,
                                               finished=np.ones(len(tokens), bool)))
 
-    def score(pol, ref, val, rew, tokens, mask, resp, rmask, finished, kl_coef, scores):
+    def score(pol, ref, val, rew, tokens, resp, rmask, finished, kl_coef, packed, scores):
         return ({"x": jnp.asarray(tokens, jnp.float32)},
                 {"kl": jnp.float32(0.0), "response_length": jnp.float32(3.0)})
 
-    def update(state, rollout, ptx, kl, rng):
+    def update(state, rollout, idx, packed, ptx, kl):
         it = int(state.step)
         if it + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        w = state.policy.params["w"] * 0.5 + jax.random.normal(rng, (4,)) + rollout["x"].mean()
+        # idx, the minibatches' rows, come from the iteration's rng.
+        w = (state.policy.params["w"] * 0.5 + jnp.asarray(idx, jnp.float32).ravel()[:1]
+             + rollout["x"].mean())
         n = nonfinite.get(it + 1, 0)
         policy = state.policy.replace(step=state.policy.step + 1, params={"w": w},
                                       opt_state={"m": state.policy.opt_state["m"] + w},
@@ -408,7 +410,8 @@ def _ppo_pieces(monkeypatch, kill_at=None, nonfinite=None):
     loader = types.SimpleNamespace(
         source=[{"prompt": "p"}],
         batch=lambda it: {"tokens": np.full((2, 3), it, np.int32), "mask": np.ones((2, 3), np.int32)})
-    runtime = types.SimpleNamespace(global_batch=lambda b: b)
+    runtime = types.SimpleNamespace(global_batch=lambda b: b,
+                                    mesh=types.SimpleNamespace(shape={"data": 1, "fsdp": 1}))
     tok = types.SimpleNamespace(eos_id=1, pad_id=0)
 
     def run(workdir):

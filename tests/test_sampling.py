@@ -129,8 +129,8 @@ def _scan_sample(model, params, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tok
                  pad_id, temperature=1.0, greedy=False, stop_at_eos=True):
     """The sampler before early stopping, as a plain reference: one
     `lax.scan` over every one of the max_new_tokens steps."""
-    from rlhf_jax.models.transformer import decode, decoding_params, init_layer_caches, \
-        positions_from_mask
+    from rlhf_jax.models.decoding import decode, decoding_params, init_layer_caches
+    from rlhf_jax.models.transformer import positions_from_mask
     from rlhf_jax.sampling import _choose
     b, p = prompt_BxP.shape
     n = max_new_tokens

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -269,16 +270,24 @@ def check_config(config):
         raise ConfigError(
             "dpo needs --config.init_from=<SFT workdir> (the policy starts from it and it is "
             "the frozen reference; or model.pretrained=<HF dir or .gguf>)")
-    if config.init_from:
-        if not checkpoint.has_checkpoint(config.init_from):
-            raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
-        meta = checkpoint.read_meta(config.init_from)
-        if meta.get("model", {}).get("head", "lm") != "lm":
-            raise ConfigError(
-                f"init_from={config.init_from!r} is a {meta.get('stage') or 'scalar-head'} "
-                f"checkpoint with a {meta['model']['head']!r} head, not a language model: DPO "
-                f"trains a policy, which needs the LM head; give the workdir of an sft stage")
     # data.k_max, algo.beta: their domains (rlhf_jax/config_domains.py).
+
+
+def open_init(config) -> Optional[checkpoint.Source]:
+    """init_from's checkpoint opened once (its meta read once): a language
+    model's. None without init_from (a pretrained model)."""
+    if not config.init_from:
+        return None
+    if not checkpoint.has_checkpoint(config.init_from):
+        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
+    source = checkpoint.open_source(config.init_from)
+    meta = source.meta
+    if meta.get("model", {}).get("head", "lm") != "lm":
+        raise ConfigError(
+            f"init_from={config.init_from!r} is a {meta.get('stage') or 'scalar-head'} "
+            f"checkpoint with a {meta['model']['head']!r} head, not a language model: DPO "
+            f"trains a policy, which needs the LM head; give the workdir of an sft stage")
+    return source
 
 
 def _trains(workdir: str, steps: int) -> bool:
@@ -292,9 +301,10 @@ def run(config, workdir: str, judge=None):
     """`judge`: the gold labeler (rlhf_jax.world.gold_score) for the implicit
     reward's gold accuracy on the held-out comparisons; None: none."""
     check_config(config)
+    source = open_init(config)
     runtime = sharding.Runtime(config)
-    meta_from = checkpoint.read_meta(config.init_from) if config.init_from else None
-    cfg, tok, pretrained_params = resolve.stage_model(config, "lm", meta_from)
+    cfg, tok, pretrained_params = resolve.stage_model(config, "lm",
+                                                      source.meta if source else None)
     max_len, k_max = int(config.data.max_len), int(config.data.k_max)
     beta = float(config.algo.beta)
     resolve.check_context(cfg, max_len, "data.max_len", rope_ok=True)
@@ -326,7 +336,7 @@ def run(config, workdir: str, judge=None):
     with runtime.activations():
         state, shardings, step = train_state.compile_supervised(
             runtime, cfg, optimizer, functools.partial(train_step, beta=beta), config.seed,
-            config.init_from, pretrained_params)
+            source or "", pretrained_params)
         eval_model = Transformer(cfg)
         ref_eval = None
         train_with_ref = WithRefLogps(train_src, None)
@@ -355,7 +365,7 @@ def run(config, workdir: str, judge=None):
                 runtime, eval_model, WithRefLogps(eval_src, ref_eval),
                 functools.partial(eval_example, tok, k_max=k_max, max_len=max_len, judge=judge),
                 batch_size, beta)
-        meta = dict(resolve.model_meta(cfg, resolve.tokenizer_spec(config, meta_from)),
+        meta = dict(resolve.model_meta(cfg, resolve.tokenizer_spec(config, source.meta if source else None)),
                     init_from=config.init_from, beta=beta, k_max=k_max, train_steps=steps,
                     **dropped)
         return loop.run(loop.Loop(

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import (checkpoint, loop, packed_rollouts, rewards, rl, sampling, sharding,
+from rlhf_jax import (loop, packed_rollouts, rewards, rl, sampling, sharding,
                       train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
@@ -54,6 +54,7 @@ from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.packed_rollouts import Packed
 from rlhf_jax.stages import policy_gradient as pg
+from rlhf_jax.stages import roles
 
 
 @flax.struct.dataclass
@@ -146,11 +147,7 @@ def check_config(config):
     if not config.init_from:
         raise ConfigError("grpo needs --config.init_from=<SFT workdir> (the policy and the "
                           "frozen reference)")
-    if not checkpoint.has_checkpoint(config.init_from):
-        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
     rewards.check_one_reward("grpo", config.reward_from, config.reward_fn)
-    if config.reward_from:
-        pg.check_reward_from(config.reward_from)
     hp = config.algo
     # group_size, advantage, kl_in: their domains (rlhf_jax/config_domains.py).
     rollouts = int(config.train.batch_size) * int(hp.group_size)
@@ -171,20 +168,15 @@ def run(config, workdir: str, judge=None):
     g = int(config.algo.group_size)
     p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
 
-    policy_meta = checkpoint.read_meta(config.init_from)
-    if policy_meta.get("model", {}).get("head") == "scalar":
-        raise ConfigError(f"init_from={config.init_from!r} is a reward model checkpoint; give "
-                          f"the policy's (SFT) workdir")
-    policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
+    with runtime.activations():
+        # Each checkpoint read once: the policy and its reference from SFT, the RM.
+        roles_ = roles.load(config, runtime, context=p + n, value=False)
+    tok, policy_cfg = roles_.tok, roles_.policy_cfg
     hp = pg.hyperparams(config, tok.eos_id)
-    resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
-    model = Transformer(policy_cfg.replace(dropout=0.0))
+    model = Transformer(policy_cfg)
     reward = None
     if config.reward_from:
-        rm_cfg, rm_tok, _ = resolve.stage_model(config, "scalar",
-                                                checkpoint.read_meta(config.reward_from))
-        pg.check_tokenizers(config, tok, rm_tok)
-        reward_model = Transformer(rm_cfg.replace(dropout=0.0))
+        reward_model = Transformer(roles_.reward_cfg)
     else:
         reward = rewards.python_reward(config.reward_fn, judge)
 
@@ -199,9 +191,10 @@ def run(config, workdir: str, judge=None):
     optimizer = train_state.make_optimizer(train_state.with_steps(t, int(t.steps) * n_updates))
 
     with runtime.activations():
-        policy, _ = train_state.create_train_state(runtime, model, optimizer, config.seed,
-                                                   init_from=config.init_from)
-        ref_params, _ = checkpoint.restore_model_params(config.init_from, runtime, model)
+        policy, _ = train_state.create_train_state(
+            runtime, model, optimizer, config.seed,
+            restored=(roles_.policy_params, roles_.policy_shardings))
+        ref_params = roles_.ref_params
         state = GRPOState(step=jnp.int32(0), policy=policy)
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
@@ -213,8 +206,7 @@ def run(config, workdir: str, judge=None):
                                    temperature=hp.temperature)
 
         if reward is None:
-            reward_params, _ = checkpoint.restore_model_params(config.reward_from, runtime,
-                                                               reward_model)
+            reward_params = roles_.reward_params
 
             @jax.jit
             def rm_score_fn(prompt_BxP, out, packed):
@@ -262,7 +254,8 @@ def run(config, workdir: str, judge=None):
                 metrics["response_tokens"] = out.tokens
             return state, metrics
 
-        meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
+        meta = dict(resolve.model_meta(policy_cfg,
+                                       resolve.tokenizer_spec(config, roles_.policy_meta)),
                     reward_from=config.reward_from, reward_fn=config.reward_fn)
         state = loop.run(loop.Loop(
             stage="grpo", train=t, workdir=workdir, state=state, state_shardings=state_sh,

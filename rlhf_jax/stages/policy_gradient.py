@@ -2,8 +2,9 @@
 statistics, the reward model's score of a rollout, the epoch x minibatch
 index plan of an update, the hyperparameters the jitted functions close
 over, the config checks of an RL stage, and the host metrics of an
-iteration. stages/ppo.py and stages/grpo.py hold only what differs
-(values and GAE; group advantages).
+iteration (the models an RL stage loads are stages/roles.py's).
+stages/ppo.py and stages/grpo.py hold only what differs (values and GAE;
+group advantages).
 """
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import checkpoint, console, packed_rollouts, rl
-from rlhf_jax import tokenizer as tokenizers
+from rlhf_jax import console, packed_rollouts, rl
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.packed_rollouts import Packed
@@ -102,30 +102,6 @@ def hyperparams(config, eos_id: int) -> ml_collections.FrozenConfigDict:
     temperature (the log-probs are those of the distribution sampled) and EOS."""
     return ml_collections.FrozenConfigDict(dict(
         config.algo.to_dict(), temperature=float(config.sampling.temperature), eos_id=eos_id))
-
-
-def check_reward_from(reward_from: str):
-    """`reward_from` must be a finished, bias-normalised RM checkpoint (an SFT
-    checkpoint's scalar head would be fresh and score everything 0)."""
-    if not checkpoint.has_checkpoint(reward_from):
-        raise ConfigError(f"reward_from={reward_from!r}: no finished checkpoint there")
-    rm_meta = checkpoint.read_meta(reward_from)
-    if rm_meta.get("model", {}).get("head") != "scalar" or rm_meta.get("stage") not in ("rm", None):
-        raise ConfigError(
-            f"reward_from={reward_from!r} is a {rm_meta.get('stage') or 'language model'} "
-            f"checkpoint, not a reward model: its scalar head would be freshly initialised and "
-            f"score every response 0; give the workdir of an rm stage")
-    if not rm_meta.get("bias_normalized"):
-        raise ConfigError(
-            f"reward_from={reward_from!r}: the RM's latest checkpoint is not bias-normalised "
-            "(its run did not finish); rerun the rm stage to completion")
-
-
-def check_tokenizers(config, tok, rm_tok):
-    if tokenizers.signature(rm_tok) != tokenizers.signature(tok):
-        raise ConfigError(
-            f"reward_from={config.reward_from!r} has another tokenizer than init_from="
-            f"{config.init_from!r}: the RM would read the policy's token ids as other text")
 
 
 def check_sampling(s, method: str):

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import (checkpoint, loop, losses, packed_rollouts, rewards, rl, sampling, sharding,
+from rlhf_jax import (loop, losses, packed_rollouts, rewards, rl, sampling, sharding,
                       train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
@@ -68,6 +68,7 @@ from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.packed_rollouts import Packed
 from rlhf_jax.stages import policy_gradient as pg
+from rlhf_jax.stages import roles
 
 
 @flax.struct.dataclass
@@ -239,11 +240,7 @@ def check_config(config):
                                 "model starts from it) or --config.reward_fn=world"}[k]
                 for k in missing)
             + "; configs/instructgpt.py builds both (SFT, collect, RM) before PPO")
-    if not checkpoint.has_checkpoint(config.init_from):
-        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
     rewards.check_one_reward("ppo", config.reward_from, config.reward_fn)
-    if config.reward_from:
-        pg.check_reward_from(config.reward_from)
     hp = config.algo
     b = int(config.train.batch_size)
     if b % int(hp.minibatches):
@@ -277,6 +274,18 @@ def saved_params(state: PPOState, ema_decay: float):
     if state.ema_params is not None:
         return rl.ema_debiased(state.ema_params, ema_decay, state.ema_updates)
     return state.policy.params
+
+
+def jit_steps(models: Models, hp, policy_opt, value_opt, state_sh):
+    """(score_fn, update_fn): `score_rollout` and the donated `ppo_update`,
+    jitted as the stage runs them (and as `python -m rlhf_jax.aot`
+    compiles them)."""
+    score_fn = jax.jit(functools.partial(score_rollout, models=models, hp=hp))
+    update_fn = jax.jit(functools.partial(ppo_update, models=models, policy_opt=policy_opt,
+                                          value_opt=value_opt, hp=hp),
+                        in_shardings=(state_sh, None, None, None, None, None),
+                        out_shardings=(state_sh, None), donate_argnums=0)
+    return score_fn, update_fn
 
 
 def iteration_fn(config, runtime, models: Models, hp, tok, ref_params, reward_params, score_fn,
@@ -344,20 +353,15 @@ def run(config, workdir: str, judge=None):
     b = int(t.batch_size)
     p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
 
-    policy_meta = checkpoint.read_meta(config.init_from)
-    policy_cfg, tok, _ = resolve.stage_model(config, "lm", policy_meta)
-    # The value model starts from the RM (the paper's choice), or with a
-    # Python reward from the SFT policy's backbone with a fresh scalar head.
-    value_from = config.reward_from or config.init_from
-    value_cfg, value_tok, _ = resolve.stage_model(config, "scalar",
-                                                  checkpoint.read_meta(value_from))
-    pg.check_tokenizers(config, tok, value_tok)
+    with runtime.activations():
+        # Each checkpoint read once: the policy and its reference from SFT;
+        # the value model from the RM (the paper's choice), or with a Python
+        # reward from SFT's backbone with a fresh scalar head; the RM.
+        roles_ = roles.load(config, runtime, context=p + n, value_seed=config.seed + 1)
+    tok, policy_cfg, value_cfg = roles_.tok, roles_.policy_cfg, roles_.value_cfg
     hp = pg.hyperparams(config, tok.eos_id)
-    resolve.check_context(policy_cfg, p + n, "data.max_prompt_len + sampling.max_new_tokens")
-    policy_cfg = policy_cfg.replace(dropout=0.0)
-    value_cfg = value_cfg.replace(dropout=0.0)
     models = Models(policy=Transformer(policy_cfg), value=Transformer(value_cfg),
-                    reward=Transformer(value_cfg) if config.reward_from else None)
+                    reward=Transformer(roles_.reward_cfg) if config.reward_from else None)
 
     prompt_check = preprocess.length_check(tok, "prompts", max_prompt_len=p)
     prompts = data_setup.open_source(config, config.data.path, "prompts", prompt_check)
@@ -369,9 +373,9 @@ def run(config, workdir: str, judge=None):
     if hp.ptx_coef > 0:
         ptx = data_setup.open_source(config, config.data.ptx_path, "text")
         ptx_loader = data_setup.loader(
-            config, runtime, ptx, int(config.algo.ptx_batch_size) * n_updates,
+            config, runtime, ptx, int(config.data.ptx_batch_size) * n_updates,
             functools.partial(preprocess.text_example, tok, max_len=int(config.data.max_len)),
-            what="algo.ptx_batch_size x algo.epochs x algo.minibatches")
+            what="data.ptx_batch_size x algo.epochs x algo.minibatches")
 
     total_updates = iterations * n_updates
     # The schedules count optimizer updates: E x M per iteration.
@@ -380,16 +384,14 @@ def run(config, workdir: str, judge=None):
         train_state.with_steps(t, total_updates, lr=float(config.algo.value_lr)))
 
     with runtime.activations():
-        policy, _ = train_state.create_train_state(runtime, models.policy, policy_opt,
-                                                   config.seed, init_from=config.init_from)
-        value, _ = train_state.create_train_state(runtime, models.value, value_opt,
-                                                  config.seed + 1, init_from=value_from)
-        ref_params, _ = checkpoint.restore_model_params(config.init_from, runtime, models.policy)
-        reward_params, host_reward = None, None
-        if config.reward_from:
-            reward_params, _ = checkpoint.restore_model_params(config.reward_from, runtime,
-                                                               models.reward)
-        else:
+        policy, _ = train_state.create_train_state(
+            runtime, models.policy, policy_opt, config.seed,
+            restored=(roles_.policy_params, roles_.policy_shardings))
+        value, _ = train_state.create_train_state(
+            runtime, models.value, value_opt, config.seed + 1,
+            restored=(roles_.value_params, roles_.value_shardings))
+        ref_params, reward_params, host_reward = roles_.ref_params, roles_.reward_params, None
+        if not config.reward_from:
             host_reward = rewards.host_reward_fn(rewards.python_reward(config.reward_fn, judge),
                                                   runtime, prompt_loader, tok)
         # The EMA starts from zeros and is read bias-corrected (rl.ema_debiased).
@@ -400,12 +402,9 @@ def run(config, workdir: str, judge=None):
                          ema_updates=jnp.int32(0))
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
-        score_fn = jax.jit(functools.partial(score_rollout, models=models, hp=hp))
-        update_fn = jax.jit(functools.partial(ppo_update, models=models, policy_opt=policy_opt,
-                                              value_opt=value_opt, hp=hp),
-                            in_shardings=(state_sh, None, None, None, None, None),
-                            out_shardings=(state_sh, None), donate_argnums=0)
-        meta = dict(resolve.model_meta(policy_cfg, resolve.tokenizer_spec(config, policy_meta)),
+        score_fn, update_fn = jit_steps(models, hp, policy_opt, value_opt, state_sh)
+        meta = dict(resolve.model_meta(policy_cfg,
+                                       resolve.tokenizer_spec(config, roles_.policy_meta)),
                     reward_from=config.reward_from, reward_fn=config.reward_fn)
         gold = rewards.gold_scorer(config, prompt_loader, tok, judge)
         score_is_gold = gold is not None and config.reward_fn == "world"

@@ -79,7 +79,7 @@ def test_packed_outputs_equal_each_rollouts_padded_pass(arch):
     """Logits at every response position, and a scalar head at the last
     token, from the packed rows equal those of the rollout alone."""
     p, n = 7, 6
-    cfg = ModelConfig(arch=arch, vocab_size=40, hidden=32, layers=2, heads=2, kv_heads=1,
+    cfg = ModelConfig(arch=arch, vocab_size=40, hidden=32, layers=1, heads=2, kv_heads=1,
                       intermediate=48, max_len=32)
     model, scalar = Transformer(cfg), Transformer(cfg.replace(head="scalar"))
     params, sparams = init_params(cfg, 0), init_params(cfg.replace(head="scalar"), 1)

@@ -83,7 +83,8 @@ def say_packed_shapes(label: str, shapes: set):
     """One console line: the packed shapes (so the compiles) of the run."""
     if not shapes:
         return
-    rows = {kind: sorted(str(s[-2]) for k, s in shapes if k == kind) for kind in ("score", "update")}
+    rows = {kind: [str(r) for r in sorted(s[-2] for k, s in shapes if k == kind)]
+            for kind in ("score", "update")}
     console.say(f"[{label}] packed rows compiled: scoring {len(rows['score'])} "
                 f"({', '.join(rows['score'])} rows), update {len(rows['update'])} "
                 f"({', '.join(rows['update'])} rows a minibatch)")

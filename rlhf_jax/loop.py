@@ -209,6 +209,11 @@ def run(loop: Loop):
                 previous = None
             done = step + 1
             current = (done, metrics, done % t.log_every == 0 or done == total)
+            if done == total:
+                # The last step's row now, before the evaluation, finalize and
+                # the final save, so its rate counts the steps only.
+                settle(current, check=False)
+                current = None
             if loop.evaluate is not None and (done % t.eval_every == 0 or done == total):
                 ev = _prefixed(loop.stage, loop.evaluate(state.params))
                 writer.write(done, ev)

@@ -82,8 +82,9 @@ class MetricsWriter:
                 self._bar.set_postfix({_short(k): _format(k, row[k]) for k in progress_keys
                                        if k in row}, refresh=False)
             self._bar.update(int(step) - self._bar.n)   # redraws when mininterval has passed
-            if not self._tty and time.time() - self._last_line >= _FILE_INTERVAL_S:
-                self._line()
+            if (not self._tty and int(step) < self._bar.total
+                    and time.time() - self._last_line >= _FILE_INTERVAL_S):
+                self._line()            # the last step's line is close()'s
 
     def _line(self):
         print(self._bar, file=sys.stderr, flush=True)

@@ -95,3 +95,23 @@ def test_pipeline_prints_the_table_and_the_report_path(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == console.eval_table(EVAL_JSON)
     assert lines[-1] == f"report: {tmp_path / 'report.md'}"
+
+
+def test_a_file_gets_the_last_steps_bar_once(tmp_path, monkeypatch, capsys):
+    """Written to a file, the bar is a line every interval and one at the
+    end; rows at the last step (an evaluation, the RM's finalize) add no
+    second 100% line, and the last line shows the last training row's rate."""
+    from rlhf_jax import metrics
+    monkeypatch.delenv("RLHF_JAX_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(metrics, "_FILE_INTERVAL_S", 0.0)       # a line at every row
+    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: False, raising=False)
+    writer = metrics.MetricsWriter(str(tmp_path), "rm", total_steps=3)
+    for step, rate in ((1, 10.0), (2, 20.0), (3, 30.0)):
+        writer.write(step, {"rm/pairs_per_s": rate}, progress_keys=("rm/pairs_per_s",))
+    writer.write(3, {"rm/eval_loss": 0.5})                      # evaluation, then finalize
+    writer.write(3, {"rm/bias": 1.0})
+    writer.close()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("rm:")]
+    assert len(lines) == 3 and sum("100%" in line for line in lines) == 1, err
+    assert "pairs/s=30" in lines[-1], lines[-1]

@@ -11,8 +11,9 @@ the update without touching them. Every check of how the roles fit
 together is here: the policy's checkpoint is a language model, the reward
 model a finished, bias-normalised RM, both speak one tokenizer (the same
 vocabulary, not only the same size), and prompt + response fit the
-model's context. PPO and GRPO load through `load`; DPO through
-`load(value=False)` without a reward.
+model's context. PPO and GRPO load through `load` (GRPO without a value
+model); DPO, which needs only its policy's start, opens init_from once in
+stages/dpo.py (`open_init`).
 """
 from __future__ import annotations
 

@@ -64,10 +64,6 @@ def flat_tokens(tokens_BxS, eos_id: int, pad_id: int = 0):
                             jnp.array([eos_id, pad_id], tokens_BxS.dtype)])
 
 
-def rows_needed(lengths: Sequence[int], w: int) -> int:
-    return len(preprocess.pack_texts(lengths, w))
-
-
 def group_lengths(prompt_len, response_len, finished) -> np.ndarray:
     """Tokens each rollout takes in a packed row: prompt, response, and the
     appended EOS of an unfinished response."""
@@ -76,10 +72,11 @@ def group_lengths(prompt_len, response_len, finished) -> np.ndarray:
 
 
 def plan(group: Sequence[int], prompt_len, response_len, finished, *, p: int, n: int, w: int,
-         rows: int) -> dict[str, np.ndarray]:
+         rows: int, packed_rows=None) -> dict[str, np.ndarray]:
     """The packing of rollouts `group` (indices into the batch) in `rows`
     rows of width `w`: numpy arrays of `Packed`'s fields, `outputs` and
-    `last` in the order of `group`.
+    `last` in the order of `group`. `packed_rows`: the group's
+    `preprocess.pack_texts` of its lengths, where the caller has it.
 
     prompt_len, response_len, finished: [B] of the whole batch; the batch's
     rollout i has its prompt at columns P - prompt_len[i] .. P - 1 of its
@@ -93,7 +90,8 @@ def plan(group: Sequence[int], prompt_len, response_len, finished, *, p: int, n:
     s = p + n
     eos_at, pad_at = b * s, b * s + 1
     lengths = group_lengths(plen, rlen, fin)
-    packed_rows = preprocess.pack_texts(lengths, w)
+    if packed_rows is None:
+        packed_rows = preprocess.pack_texts(lengths, w)
     if len(packed_rows) > rows:
         raise ValueError(f"{len(group)} rollouts need {len(packed_rows)} packed rows, got {rows}")
     source = np.full((rows, w), pad_at, np.int32)
@@ -125,11 +123,12 @@ def pack(groups, lengths, *, p: int, n: int, multiple: int = 1) -> Packed:
     prompt_len, response_len, finished = lengths
     w = width(p, n)
     tokens = group_lengths(prompt_len, response_len, finished)
-    need = max(rows_needed(tokens[g], w) for g in groups)
+    layouts = [preprocess.pack_texts(tokens[g], w) for g in groups]
     g_size = groups.shape[1]
-    rows = min(rows_bucket(need, g_size, multiple), -(-g_size // multiple) * multiple)
-    plans = [plan(g, prompt_len, response_len, finished, p=p, n=n, w=w, rows=rows)
-             for g in groups]
+    rows = min(rows_bucket(max(map(len, layouts)), g_size, multiple),
+               -(-g_size // multiple) * multiple)
+    plans = [plan(g, prompt_len, response_len, finished, p=p, n=n, w=w, rows=rows,
+                  packed_rows=layout) for g, layout in zip(groups, layouts)]
     return Packed(**{k: np.stack([pl[k] for pl in plans]) for k in Packed._fields})
 
 

@@ -62,7 +62,7 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import resolve
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.stages import rm
+from rlhf_jax.stages import rm, roles
 from rlhf_jax.tokenizer import encode_prompt
 
 
@@ -278,9 +278,7 @@ def open_init(config) -> Optional[checkpoint.Source]:
     model's. None without init_from (a pretrained model)."""
     if not config.init_from:
         return None
-    if not checkpoint.has_checkpoint(config.init_from):
-        raise ConfigError(f"init_from={config.init_from!r}: no finished checkpoint there")
-    source = checkpoint.open_source(config.init_from)
+    source = roles.open_checkpoint(config.init_from, "init_from")
     meta = source.meta
     if meta.get("model", {}).get("head", "lm") != "lm":
         raise ConfigError(

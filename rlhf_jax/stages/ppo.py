@@ -170,7 +170,7 @@ def ppo_update(state: PPOState, rollout: Rollout, idx, packed: Packed, ptx_batch
     optimizer update); then the KL controller.
 
     idx: [E*M, B/M] the rollouts of each minibatch (pg.minibatch_indices);
-    packed: their packed rows ([E*M, ...], packed_rollouts.pack_minibatches).
+    packed: their packed rows ([E*M, ...], pg.pack).
     ptx_batches: None, or a dict of arrays [E*M, b_ptx, L] (one pretraining
     batch a minibatch). observed_kl: the rollout's KL(pi || ref) per response,
     which drives the adaptive KL coefficient.

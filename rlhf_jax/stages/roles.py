@@ -44,11 +44,18 @@ class Roles:
     reward_params: Any = None           # the frozen RM: a copy of value_params, or restored
 
 
+def open_checkpoint(path: str, what: str) -> checkpoint.Source:
+    """The checkpoint `what`=`path` names, opened once (resolved once, meta
+    read once); a ConfigError naming the key where there is none."""
+    try:
+        return checkpoint.open_source(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}={path!r}: no finished checkpoint there") from None
+
+
 def open_policy(path: str, what: str = "init_from") -> checkpoint.Source:
     """init_from's checkpoint, opened once; a language model's."""
-    if not checkpoint.has_checkpoint(path):
-        raise ConfigError(f"{what}={path!r}: no finished checkpoint there")
-    source = checkpoint.open_source(path)
+    source = open_checkpoint(path, what)
     if source.meta.get("model", {}).get("head") == "scalar":
         raise ConfigError(f"{what}={path!r} is a reward model checkpoint; give the policy's "
                           f"(SFT) workdir")
@@ -58,9 +65,7 @@ def open_policy(path: str, what: str = "init_from") -> checkpoint.Source:
 def open_reward(path: str) -> checkpoint.Source:
     """reward_from's checkpoint, opened once: a finished, bias-normalised RM
     (an SFT checkpoint's scalar head would be fresh and score everything 0)."""
-    if not checkpoint.has_checkpoint(path):
-        raise ConfigError(f"reward_from={path!r}: no finished checkpoint there")
-    source = checkpoint.open_source(path)
+    source = open_checkpoint(path, "reward_from")
     meta = source.meta
     if meta.get("model", {}).get("head") != "scalar" or meta.get("stage") not in ("rm", None):
         raise ConfigError(

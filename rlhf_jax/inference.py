@@ -7,8 +7,7 @@ evaluate and PPO share.
   batch one shape (the last padded with copies of its last row), so the
   sampler compiles once;
 - `response_outputs`: a model's outputs at the positions that predict each
-  response token, from one teacher-forced pass (the head applied there only);
-- `score_at`: a reward model's score at the last real token.
+  response token, from one teacher-forced pass (the head applied there only).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import dataclasses
 from typing import Iterator, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint, distributed, sampling, sharding
@@ -133,7 +131,3 @@ def response_outputs(model: Transformer, params, tokens_BxS, attn_BxS, p: int, n
     return model.apply({"params": params}, tokens_BxS, p - 1, n, attn_mask=attn_BxS,
                        method=Transformer.outputs_at)
 
-
-def score_at(scores_NxL, last_index_N):
-    """A reward model's score of each row at its last real token: [N]."""
-    return jnp.take_along_axis(scores_NxL, last_index_N[:, None].astype(jnp.int32), axis=1)[:, 0]

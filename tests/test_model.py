@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import init_params
+from rlhf_jax.models import readout
 from rlhf_jax.models.decoding import decode, decoding_params, init_layer_caches
 from rlhf_jax.models.transformer import (ModelConfig, Transformer, expand_layers, init_cache,
                                          positions_from_mask)
@@ -252,6 +253,38 @@ def test_outputs_at_is_the_slice_of_the_full_call(head):
                                             method=Transformer.outputs_at))(params, toks)
     assert part.shape == full[:, 5:9].shape
     np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 5:9]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA.replace(layers=3, head="scalar"), GPT2,
+                                 QWEN.replace(layers=1, head="scalar")],
+                         ids=["llama-3-layers", "gpt2-lm", "qwen2-1-layer"])
+def test_readout_at_cols_equals_the_full_call_and_its_gradient(cfg):
+    """The reward model's read at a few positions a row (the last layer
+    computed there only) equals the full call read there, on left-padded,
+    right-padded and packed rows, and so does its gradient."""
+    model, params = _biased(cfg)
+    toks = jax.random.randint(jax.random.PRNGKey(7), (3, 10), 0, 256)
+    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                      [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]])
+    cols = jnp.array([[9, 4], [6, 0], [2, 6]])
+
+    def full(p):
+        out = model.apply({"params": p}, toks, attn_mask=mask)
+        return jnp.take_along_axis(out, cols if out.ndim == 2 else cols[..., None], axis=1)
+
+    def read(p):
+        return readout.outputs_at_cols(model, p, toks, cols, mask)
+
+    want, got = jax.jit(full)(params), jax.jit(read)(params)
+    assert got.shape == want.shape == (3, 2) + (() if cfg.head == "scalar" else (300,))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    g_full = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(full(p)))))(params)
+    g_read = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(read(p)))))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_read)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+    # The last layer's queries at other positions would give other outputs.
+    other = jax.jit(lambda p: readout.outputs_at_cols(model, p, toks, cols[:, ::-1], mask))(params)
+    assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-4
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])

@@ -68,14 +68,19 @@ def random_params(cfg: ModelConfig, seed: int = 0):
 
 
 class CountingModel:
-    """A model whose `apply` records the shape of every token batch it is given."""
+    """A model whose `apply` records the shape of every token batch a forward
+    pass starts from (the full call, or the embedding a readout starts with)."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def apply(self, variables, tokens, **kw):
-        self.calls.append(tuple(tokens.shape))
-        return self.model.apply(variables, tokens, **kw)
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def apply(self, variables, tokens, *args, **kw):
+        if kw.get("method") in (None, Transformer.embed):
+            self.calls.append(tuple(tokens.shape))
+        return self.model.apply(variables, tokens, *args, **kw)
 
 
 def _set(cfg, **kw):

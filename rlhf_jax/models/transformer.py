@@ -181,19 +181,27 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, layer_cache, cache_index):
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, layer_cache, cache_index,
+                 query_cols_BxN=None):
+        """query_cols_BxN: the queries at these positions of each row only
+        (keys and values at every position): the output is [B, N, E]."""
         cfg = self.cfg
         e, h, k, d = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.dim_per_head
         bias = cfg.qkv_bias or cfg.arch == "gpt2"
+        x_q, q_positions = x_BxTxE, positions_BxT
+        if query_cols_BxN is not None:
+            x_q = jnp.take_along_axis(x_BxTxE, query_cols_BxN[..., None], axis=1)
+            q_positions = jnp.take_along_axis(positions_BxT, query_cols_BxN, axis=1)
+            mask_BxTxS = jnp.take_along_axis(mask_BxTxS, query_cols_BxN[..., None], axis=1)
         q = Dense(cfg, (e, h, d), ("embed", "heads", "kv"), "bte,ehd->bthd",
-                  bias=bias, bias_axes=("heads", "kv"), name="q")(x_BxTxE)
+                  bias=bias, bias_axes=("heads", "kv"), name="q")(x_q)
         kk = Dense(cfg, (e, k, d), ("embed", "kv_heads", "kv"), "bte,ehd->bthd",
                    bias=bias, bias_axes=("kv_heads", "kv"), name="k")(x_BxTxE)
         v = Dense(cfg, (e, k, d), ("embed", "kv_heads", "kv"), "bte,ehd->bthd",
                   bias=bias, bias_axes=("kv_heads", "kv"), name="v")(x_BxTxE)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
         if cfg.arch != "gpt2":
-            q = rope(q, positions_BxT, cfg.rope_theta)
+            q = rope(q, q_positions, cfg.rope_theta)
             kk = rope(kk, positions_BxT, cfg.rope_theta)
 
         b, t = q.shape[:2]
@@ -256,15 +264,35 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_index):
+    def __call__(self, x, layer_cache, positions, mask, cache_index, query_cols=None):
+        """query_cols [B, N]: the layer's output at these positions only
+        (`readout.outputs_at_cols`)."""
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
         a, new_cache = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), positions,
-                                                   mask, layer_cache, cache_index)
+                                                   mask, layer_cache, cache_index, query_cols)
+        if query_cols is not None:
+            x = jnp.take_along_axis(x, query_cols[..., None], axis=1)
         x = x + drop(a)
         x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, new_cache
+
+
+def layer_stack(cfg: ModelConfig, deterministic: bool, length: int, **module_kw):
+    """`length` Blocks as one `nn.scan` (params stacked on a leading "layers"
+    axis; rematerialised if cfg.remat). Transformer's stack is all cfg.layers;
+    `readout.outputs_at_cols` runs the first cfg.layers - 1 on a slice."""
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=max(1, min(int(cfg.scan_unroll), length)),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, deterministic, **module_kw)
 
 
 class Transformer(nn.Module):
@@ -306,16 +334,7 @@ class Transformer(nn.Module):
                                  "bte,ev->btv", name="lm_head")
         deterministic = self.deterministic or cfg.dropout == 0.0
         self.embed_dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=self.cfg.layers,
-            unroll=max(1, min(int(cfg.scan_unroll), cfg.layers)),
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic)
+        self.layers = layer_stack(cfg, deterministic, cfg.layers)
 
     def hidden_states(self, tokens, positions=None, attn_mask=None, cache=None,
                       cache_index=None):

@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, inference, loop, losses, sharding, train_state
+from rlhf_jax import checkpoint, loop, losses, sharding, train_state
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.models import resolve
+from rlhf_jax.models import readout, resolve
 from rlhf_jax.models.transformer import Transformer, expand_layers
 from rlhf_jax.tokenizer import encode_prompt, encode_response
 
@@ -63,12 +63,11 @@ def rewards_on_batch(params, model: Transformer, batch, dropout_rng=None):
     [R_g]; slot_row [B, K] into the buckets' rows in order. Padding rows and
     slots get a finite, meaningless reward that callers mask with `valid`.
     """
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     rewards = []
     for g in range(n_buckets(batch)):
-        scores_RxL = model.apply({"params": params}, batch[f"row_tokens_{g}"],
-                                 attn_mask=batch[f"row_attn_mask_{g}"], rngs=rngs)
-        rewards.append(inference.score_at(scores_RxL, batch[f"row_last_index_{g}"]))
+        rewards.append(readout.outputs_at_cols(
+            model, params, batch[f"row_tokens_{g}"], batch[f"row_last_index_{g}"][:, None],
+            batch[f"row_attn_mask_{g}"], dropout_rng)[:, 0])
     return jnp.concatenate(rewards)[batch["slot_row"]]
 
 
@@ -224,8 +223,8 @@ def demo_score_sums(params, batch, *, model: Transformer):
     """(sum of rewards, count) over the valid rows of a demonstrations batch.
     batch: tokens/attn_mask [N, L], valid [N]."""
     last_index_N = jnp.sum(batch["attn_mask"], axis=1) - 1
-    scores_NxL = model.apply({"params": params}, batch["tokens"], attn_mask=batch["attn_mask"])
-    rewards_N = inference.score_at(scores_NxL, last_index_N)
+    rewards_N = readout.outputs_at_cols(model, params, batch["tokens"], last_index_N[:, None],
+                                        batch["attn_mask"])[:, 0]
     return jnp.sum(jnp.where(batch["valid"], rewards_N, 0.0)), jnp.sum(batch["valid"])
 
 

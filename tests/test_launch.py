@@ -29,11 +29,25 @@ def _single(config, workdir, overrides, devices=8):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+# README's multi-process command less its workdir: the SFT runs below are it,
+# with a workdir and overrides added (tests/test_readme.py checks the match).
+README_LOCAL_SFT = "LOCAL_DEVICES=4 launch/local.sh 2 configs/sft.py:tiny"
+
+
 def _local(nproc, config, workdir, overrides, local_devices=4):
     env = _env()
     env["LOCAL_DEVICES"] = str(local_devices)
     r = subprocess.run(["bash", os.path.join(ROOT, "launch/local.sh"), str(nproc), config, workdir,
                         *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _readme_local(workdir, overrides):
+    """README's command as a user types it, plus `workdir` and `overrides`."""
+    command = " ".join([README_LOCAL_SFT, shlex.quote(workdir), *map(shlex.quote, overrides)])
+    r = subprocess.run(["bash", "-c", command], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -50,7 +64,7 @@ def test_two_processes_equal_one_process_sft(tmp_path):
                          "--config.train.eval_every=6", "--config.train.eval_batches=1",
                          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     _single("configs/sft.py:tiny", str(tmp_path / "one"), overrides)
-    _local(2, "configs/sft.py:tiny", str(tmp_path / "two"), overrides)
+    _readme_local(str(tmp_path / "two"), overrides)
     one = _losses(str(tmp_path / "one"), "sft", "sft/loss")
     two = _losses(str(tmp_path / "two"), "sft", "sft/loss")
     assert len(one) == 6 and len(two) == 6          # process 0 alone writes metrics
@@ -59,7 +73,7 @@ def test_two_processes_equal_one_process_sft(tmp_path):
     # A resumed multi-process run continues from its checkpoint.
     more = [o if not o.startswith("--config.train.steps") else "--config.train.steps=9"
             for o in overrides]
-    _local(2, "configs/sft.py:tiny", str(tmp_path / "two"), more)
+    _readme_local(str(tmp_path / "two"), more)
     rows = read_metrics(str(tmp_path / "two"), "sft")
     steps = [r["step"] for r in rows if "sft/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]

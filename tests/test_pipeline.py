@@ -96,25 +96,32 @@ def test_tiny_pipeline_end_to_end_and_skip_on_rerun(tmp_path, capsys):
     notes = open(os.path.join(compare, "report.md")).read()
     assert "GRPO 2 iterations" in notes and "DPO" in notes
 
-    # configs/demo_quality.py:tiny: the main job's f (its workdir copied, every
-    # stage finished) and f = 0, run fresh from the same base; then the
-    # sweep's report gathers both.
+    # configs/demo_quality.py:tiny: the sweep over flaw rates. Each f's run
+    # is the pipeline run above (its config, checked here, differs only in
+    # the demonstrations and the base), so the main job's workdir stands for
+    # both: every stage of each f is then skipped, and the sweep gathers,
+    # reports and draws both points.
+    from rlhf_jax.stages import demo_quality
     dq = str(tmp_path / "demo_quality")
     shutil.copytree(os.path.join(workdir, "pretrain"), os.path.join(dq, "pretrain"))
     os.makedirs(os.path.join(dq, ".done"))
     open(os.path.join(dq, ".done", "pretrain"), "w").close()
     f = instructgpt_config.FLAW_RATE
-    shutil.copytree(workdir, os.path.join(dq, f"f{f:g}"))
+    for rate in (0.0, f):
+        shutil.copytree(workdir, demo_quality.flaw_dir(dq, rate))
     dq_cfg = _tiny("demo_quality", str(tmp_path / "tfds"))
     assert tuple(dq_cfg.flaw_rates) == (0.0, f)
-    assert dq_cfg.sft.data.path.endswith(f"demonstrations_tiny_f{f:g}")  # the main job's
+    base = os.path.join(dq, "pretrain")
+    for rate, path in ((0.0, dq_cfg.demonstrations), (f, f"{dq_cfg.demonstrations}_f{f:g}")):
+        sub = demo_quality._pipeline_config(dq_cfg, rate, base)
+        assert sub.sft.data.path == path and sub.base_from == base
+        assert sub.stage == "pipeline" and "flaw_rates" not in sub
+    assert demo_quality._pipeline_config(dq_cfg, f, base).sft.data.path == cfg.sft.data.path
     stages.run(dq_cfg, dq)
     out = capsys.readouterr().out
-    # The main job's f: sft, collect, rm, ppo_ptx, evaluate (the sweep's base
-    # is a path, and its methods are ppo_ptx alone).
-    assert out.count("finished earlier, skipped") == 5, out
-    sft_f0 = json.load(open(os.path.join(dq, "f0", "pipeline.json")))["seconds"]
-    assert set(sft_f0) == {"sft", "collect", "rm", "ppo_ptx", "evaluate"}
+    # Per f: sft, collect, rm, ppo_ptx, evaluate (the sweep's base is a path,
+    # and its methods are ppo_ptx alone).
+    assert out.count("finished earlier, skipped") == 10, out
     points = json.load(open(os.path.join(dq, "demo_quality.json")))
     assert [p["flaw_rate"] for p in points] == [0.0, f]
     for p in points:

@@ -68,7 +68,7 @@ CHECKED = {
     GENERATE_EXAMPLE: "runs",
     TPU_POD: "runs with --dry-run; its main command parses",
     SLURM: "runs with --dry-run; its main command parses",
-    LOCAL: "runs",
+    LOCAL: "runs in tests/test_launch.py with a workdir and overrides added",
     AOT_INSTALL: "the tpu extra pins libtpu",
     AOT_COMPILE: "needs libtpu (tests/test_aot.py compiles where it is installed); its config loads",
     AOT_TABLE: "runs on the recorded compiles and prints README's table",
@@ -285,12 +285,13 @@ def test_fine_tune_then_generate_example_runs_as_written(user_dir):
     assert any(o["response"] for o in out), out
 
 
-def test_local_multi_process_command_runs_as_written(user_dir):
-    cwd, env = user_dir
-    _shell(LOCAL, cwd, env, timeout=400)
-    steps = [json.loads(l)["step"] for l in open(cwd / "workdirs/sft2/metrics.jsonl")]
-    assert max(steps) == 30                       # sft.py:tiny's steps, all taken
-    assert sorted(os.listdir(cwd / "workdirs/sft2/checkpoints")) == ["20", "30"]
+def test_local_multi_process_command_is_the_launch_tests():
+    """tests/test_launch.py runs README's command (its workdir replaced, micro
+    overrides added) twice as a user types it, and checks it against one
+    process and its resume."""
+    import test_launch
+    prefix, workdir = LOCAL.rsplit(" ", 1)
+    assert prefix == test_launch.README_LOCAL_SFT and workdir == "workdirs/sft2"
 
 
 def test_main_job_smollm2_and_launcher_commands_parse(user_dir):

@@ -128,8 +128,8 @@ def topology_devices(topo: Topology) -> list:
     """The slice's compile-only TPU devices (libtpu required)."""
     if libtpu_version() is None:
         raise RuntimeError(
-            f"libtpu is not installed: `pip install -e '.[tpu]'` (libtpu 0.0.42.*, the one jax "
-            f"{jax.__version__} pins) to compile for {topo.name} on this host")
+            f"libtpu is not installed: `pip install -e '.[tpu]'` (jax[tpu]: the libtpu jax "
+            f"names) to compile for {topo.name} on this host")
     from jax.experimental.topologies import get_topology_desc
     return get_topology_desc(platform="tpu", topology_name=topo.topology_name,
                              chip_config_name=topo.chip_config_name,

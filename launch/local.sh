@@ -9,7 +9,11 @@
 # LOCAL_XLA_FLAGS: XLA_FLAGS for the processes (default none; the device
 # count is set through RLHF_JAX_LOCAL_DEVICES, not XLA_FLAGS).
 # Exits non-zero if any process fails.
+# The processes use no persistent compilation cache (JAX_COMPILATION_CACHE_DIR
+# is dropped): with jax 0.12.1, a resumed 2-process CPU run whose executables
+# came from the cache hung in its first collective (2026-12-06).
 set -euo pipefail
+unset JAX_COMPILATION_CACHE_DIR
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 NPROC CONFIG WORKDIR [--config.key=value ...]" >&2
   exit 2

@@ -255,9 +255,8 @@ def test_outputs_at_is_the_slice_of_the_full_call(head):
     np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 5:9]), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [LLAMA.replace(layers=3, head="scalar"), GPT2,
-                                 QWEN.replace(layers=1, head="scalar")],
-                         ids=["llama-3-layers", "gpt2-lm", "qwen2-1-layer"])
+@pytest.mark.parametrize("cfg", [QWEN.replace(layers=3, head="scalar"), GPT2.replace(layers=1)],
+                         ids=["qwen2-3-layers-scalar", "gpt2-1-layer-lm"])
 def test_readout_at_cols_equals_the_full_call_and_its_gradient(cfg):
     """The reward model's read at a few positions a row (the last layer
     computed there only) equals the full call read there, on left-padded,
@@ -268,22 +267,26 @@ def test_readout_at_cols_equals_the_full_call_and_its_gradient(cfg):
                       [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]])
     cols = jnp.array([[9, 4], [6, 0], [2, 6]])
 
-    def full(p):
+    def full(p, c):
         out = model.apply({"params": p}, toks, attn_mask=mask)
-        return jnp.take_along_axis(out, cols if out.ndim == 2 else cols[..., None], axis=1)
+        return jnp.take_along_axis(out, c if out.ndim == 2 else c[..., None], axis=1)
 
-    def read(p):
-        return readout.outputs_at_cols(model, p, toks, cols, mask)
+    def read(p, c):
+        return readout.outputs_at_cols(model, p, toks, c, mask)
 
-    want, got = jax.jit(full)(params), jax.jit(read)(params)
+    def with_grad(f):       # (outputs, gradient of a function of them), one compile
+        return jax.jit(jax.value_and_grad(lambda p, c: (jnp.sum(jnp.sin(f(p, c))), f(p, c)),
+                                          has_aux=True))
+
+    (_, want), g_full = with_grad(full)(params, cols)
+    read_fn = with_grad(read)
+    (_, got), g_read = read_fn(params, cols)
     assert got.shape == want.shape == (3, 2) + (() if cfg.head == "scalar" else (300,))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-    g_full = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(full(p)))))(params)
-    g_read = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(read(p)))))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_read)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
-    # The last layer's queries at other positions would give other outputs.
-    other = jax.jit(lambda p: readout.outputs_at_cols(model, p, toks, cols[:, ::-1], mask))(params)
+    # The last layer's queries at other positions give other outputs.
+    (_, other), _ = read_fn(params, cols[:, ::-1])
     assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-4
 
 

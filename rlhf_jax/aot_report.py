@@ -13,6 +13,32 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def verdict(r: dict) -> str:
+    """One step's line on the console: fits or not, its peak against the HBM."""
+    return (f"{r['step']}: {'fits' if r['fits'] else 'does NOT fit'}, peak "
+            f"{r['peak'] / GiB:.2f} GiB of {r['hbm_gib']:g} GiB HBM per chip "
+            f"(compiled in {r['compile_s']:.0f} s)")
+
+
+def batch_cell(r: dict) -> str:
+    """The batch and its lengths: `512 x (512 + 512)` (PPO: rollouts x
+    (prompt + response) tokens), `64 x 2048` (SFT), or the batch alone for a
+    record without lengths."""
+    if "response_len" in r:
+        return f"{r['batch_size']} x ({r['prompt_len']} + {r['response_len']})"
+    if "max_len" in r:
+        return f"{r['batch_size']} x {r['max_len']}"
+    return str(r["batch_size"])
+
+
+def resident_line(r: dict, unit: int = GiB, unit_name: str = "GiB") -> str:
+    """What a PPO iteration keeps on each chip throughout, part by part."""
+    parts = r["resident"]
+    return (f"resident per chip, {unit_name}: "
+            + " + ".join(f"{k} {v / unit:.2f}" for k, v in parts.items() if v)
+            + f" = {sum(parts.values()) / unit:.2f}")
+
+
 def format_report(records: list[dict]) -> str:
     """A console table of one stage's records: GiB per chip."""
     if not records:
@@ -22,7 +48,8 @@ def format_report(records: list[dict]) -> str:
     unit, unit_name = (GiB, "GiB") if max(r["peak"] for r in records) >= GiB else (2 ** 20, "MiB")
     lines = [f"{h['stage']} | model {h['model']} ({_count(h['params'])} params, "
              f"{h['layers']} layers, matmul {h['matmul']}, activations {h['activations']}, "
-             f"remat {h['remat']}) | batch {h['batch_size']}",
+             f"remat {h['remat']}) | batch {batch_cell(h)}"
+             + (f", {h['minibatches']} minibatches" if "minibatches" in h else ""),
              f"{h['topology']}: {h['chips']} x {h['device_kind']} ({h['hbm_gib']:g} GiB HBM "
              f"each) | mesh {mesh} | jax {h['jax']}, libtpu {h['libtpu']}",
              f"{unit_name} per chip:",
@@ -37,6 +64,8 @@ def format_report(records: list[dict]) -> str:
             f"{g('peak'):8.2f}{r['hbm_gib']:7g}  {'yes' if r['fits'] else 'NO':<5}"
             f"{r['flops'] / 1e12:11.1f}{r['flops'] / r['chips'] / 1e12:10.2f}"
             f"{r['compile_s']:10.1f}")
+    if "resident" in h:
+        lines.append(resident_line(h, unit, unit_name))
     return "\n".join(lines)
 
 
@@ -60,12 +89,12 @@ def markdown_table(records: list[dict]) -> str:
     from rlhf_jax.models import presets
     runs: dict = {}
     for r in records:
-        key = (r["model"], r["stage"], r["topology"], json.dumps(r["mesh"]), r["batch_size"])
+        key = (r["model"], r["stage"], r["topology"], json.dumps(r["mesh"]), batch_cell(r))
         runs.setdefault(key, {}).setdefault(r["step"], []).append(r)
     rows = ["| model | stage | topology (chips) | mesh (data x fsdp x tensor) | batch | "
             "peak HBM per chip, GiB (step) | chip HBM, GiB | fits |",
             "|---|---|---|---|---|---|---|---|"]
-    for (model, stage, topo, _, batch), steps in runs.items():
+    for (model, stage, topo, _, _), steps in runs.items():
         depth = presets.PRESETS.get(model, {}).get("layers")
         peaks, note = {}, ""
         for name, rs in steps.items():
@@ -79,7 +108,7 @@ def markdown_table(records: list[dict]) -> str:
         worst = max(peaks, key=peaks.get)
         mesh = " x ".join(str(v) for v in h["mesh"].values())
         fits = all(p <= h["hbm_gib"] * GiB for p in peaks.values())
-        rows.append(f"| {model} | {stage} | {topo} ({h['chips']}) | {mesh} | {batch} | "
+        rows.append(f"| {model} | {stage} | {topo} ({h['chips']}) | {mesh} | {batch_cell(h)} | "
                     f"{peaks[worst] / GiB:.1f} ({worst}{note}) | {h['hbm_gib']:g} | "
                     f"{'yes' if fits else '**no**'} |")
     return "\n".join(rows)

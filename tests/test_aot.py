@@ -128,3 +128,47 @@ def test_compile_ppo_steps_for_a_v4_slice():
     assert [r["step"] for r in records] == ["sample", "score", "update"]
     for r in records:   # the other models stay resident while each step runs
         assert r["other"] > 0 and r["peak"] == r["total"] + r["other"]
+
+
+def test_stderr_is_held_unless_verbose_and_replayed_on_an_error(capfd):
+    # libtpu writes its start-up lines from C++ to fd 2: held at that level.
+    import os
+    with aot.stderr_held():
+        os.write(2, b"E0000 common_lib.cc:860] from C++\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="boom"):
+        with aot.stderr_held():
+            os.write(2, b"what led to it\n")
+            raise RuntimeError("boom")
+    assert capfd.readouterr().err == "what led to it\n"
+    with aot.stderr_held(verbose=True):
+        os.write(2, b"shown\n")
+    assert capfd.readouterr().err == "shown\n"
+
+
+@needs_libtpu
+def test_console_is_the_verdicts_and_the_table(tmp_path):
+    """`python -m rlhf_jax.aot` prints one verdict a step and the table, on
+    stdout and stderr together: none of libtpu's start-up lines, absl's INFO
+    lines (optax's schedule) or warnings."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "aot.jsonl"
+    r = subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.aot", "--config", "configs/ppo.py:tiny",
+         "--topology", "v4-8", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+         "--config.model.hidden=64", "--config.model.layers=2", "--config.model.heads=2",
+         "--config.model.kv_heads=1", "--config.model.intermediate=128", "--json", str(out)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+    assert r.returncode == 0, r.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["step"] for x in records] == ["sample", "score", "update"]
+    expected = [aot_report.verdict(x) for x in records] + \
+        aot_report.format_report(records).splitlines()
+    assert r.stdout.splitlines() == expected, r.stdout
+    assert expected[0].startswith("sample: fits, peak ")
+    assert expected[-1].startswith("resident per chip, MiB: policy ")

@@ -52,10 +52,15 @@ CHECKPOINTS = "checkpoints"
 # one replica writes the whole array. The default handler's metadata store
 # is kept.
 _REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-_default_array_handler = ocp.type_handlers.get_type_handler(jax.Array)
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-    array_metadata_store=getattr(_default_array_handler, "_array_metadata_store", None),
-    min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_BYTES), override=True)
+
+
+def _register_array_handler():
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_BYTES)
+    with _quiet_logs():     # Orbax warns of every override
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def _abstract(tree):
@@ -111,24 +116,36 @@ def _reason(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_read_errors():
-    """Orbax and TensorStore log a damaged read at length (absl ERROR lines,
-    asyncio's "Task exception was never retrieved" with a traceback);
-    `restore_latest` says it in one line instead."""
+def _quiet_logs():
+    """Orbax's and TensorStore's absl lines and asyncio's reports held back."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
         yield
-    except BaseException:
-        # Abandoned read tasks report now, while quiet. Only after a failed
-        # read: a full collection costs 1-2 s in a process holding a model.
-        gc.collect()
-        raise
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_read_errors():
+    """Orbax and TensorStore log a damaged read at length (absl ERROR lines,
+    asyncio's "Task exception was never retrieved" with a traceback);
+    `restore_latest` says it in one line instead."""
+    with _quiet_logs():
+        try:
+            yield
+        except BaseException:
+            # Abandoned read tasks report now, while quiet. Only after a
+            # failed read: a full collection costs 1-2 s in a process
+            # holding a model.
+            gc.collect()
+            raise
+
+
+_register_array_handler()
 
 
 def _leaf_shapes(tree) -> list:

@@ -84,8 +84,10 @@ def extrapolated_peak(rs: list[dict], layers: int) -> float:
 
 def markdown_table(records: list[dict]) -> str:
     """README's mesh table: one row per stage run, its worst step's peak.
-    Runs of a preset compiled with fewer layers (`--layers`) at two depths
-    are extrapolated to the preset's depth (`extrapolated_peak`)."""
+    A step of a preset compiled with fewer layers (`--layers`) at two depths
+    is extrapolated to the preset's depth (`extrapolated_peak`), and says so:
+    in the cell when it is the worst step, after it when another step is
+    (its bound, which may be the one to grow past the worst)."""
     from rlhf_jax.models import presets
     runs: dict = {}
     for r in records:
@@ -96,19 +98,22 @@ def markdown_table(records: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for (model, stage, topo, _, _), steps in runs.items():
         depth = presets.PRESETS.get(model, {}).get("layers")
-        peaks, note = {}, ""
+        peaks, notes = {}, {}
         for name, rs in steps.items():
             full = [r for r in rs if r["layers"] == depth]
             if depth and not full and len({r["layers"] for r in rs}) >= 2:
                 peaks[name] = extrapolated_peak(rs, depth)
-                note = (f", at least: from {' and '.join(str(r['layers']) for r in rs)} layers")
+                notes[name] = f"from {' and '.join(str(r['layers']) for r in rs)} layers"
             else:
                 peaks[name] = max(full or rs, key=lambda r: r["layers"])["peak"]
         h = next(iter(steps.values()))[0]
         worst = max(peaks, key=peaks.get)
+        cell = (f"{peaks[worst] / GiB:.1f} ({worst}"
+                + (f", at least: {notes[worst]})" if worst in notes else ")")
+                + "".join(f"; {name} at least {peaks[name] / GiB:.1f}, {note}"
+                          for name, note in notes.items() if name != worst))
         mesh = " x ".join(str(v) for v in h["mesh"].values())
         fits = all(p <= h["hbm_gib"] * GiB for p in peaks.values())
         rows.append(f"| {model} | {stage} | {topo} ({h['chips']}) | {mesh} | {batch_cell(h)} | "
-                    f"{peaks[worst] / GiB:.1f} ({worst}{note}) | {h['hbm_gib']:g} | "
-                    f"{'yes' if fits else '**no**'} |")
+                    f"{cell} | {h['hbm_gib']:g} | {'yes' if fits else '**no**'} |")
     return "\n".join(rows)

@@ -172,3 +172,14 @@ def test_console_is_the_verdicts_and_the_table(tmp_path):
     assert r.stdout.splitlines() == expected, r.stdout
     assert expected[0].startswith("sample: fits, peak ")
     assert expected[-1].startswith("resident per chip, MiB: policy ")
+
+
+def test_table_names_an_extrapolated_step_that_is_not_the_worst():
+    # update compiled at full depth; sample from 8 and 16 layers (80: 10 GiB).
+    records = [_record("sample", 2.0, layers=8), _record("sample", 3.0, layers=16),
+               _record("update", 12.0)]
+    for r in records:
+        r.update(model="llama3_70b", prompt_len=512, response_len=512)
+    row = aot_report.markdown_table(records).splitlines()[2]
+    assert "| 64 x (512 + 512) |" in row
+    assert "| 12.0 (update); sample at least 11.0, from 8 and 16 layers |" in row, row

@@ -15,12 +15,25 @@ METHODS):
              reward, RLVR): what a method reaches without a learned RM;
   dpo        DPO on the comparisons the RM was trained on, no RM at all.
 
-Every RL method samples 64 rollouts an iteration for 40 iterations at the
-main job's PPO learning rate; DPO takes a sixth of the comparisons (8
-steps of 64 records); `evaluate` judges SFT and the four policies on
-the held-out prompts (greedy and temperature-1 samples, win rate against
-SFT, KL to SFT): `eval.json`, `report.md`. The pretrained base and its
-few-shot variant are left out (the main job reports them).
+The budgets, chosen so that a difference is the method's, not its budget's
+(BENCHMARKS.md, "The compare table"):
+
+  method     data it learns from                   budget
+  ppo_ptx    2,560 sampled episodes                40 iterations x 64 prompts;
+                                                   2 epochs x 4 minibatches (320 updates)
+  grpo       2,560 sampled episodes                40 iterations x 8 prompts x G=8;
+                                                   2 epochs x 4 minibatches (320 updates)
+  grpo_gold  2,560 sampled episodes                as grpo
+  dpo        the RM's 3,040 training comparisons   one epoch: 48 steps x 64 records
+             (K=9, every ranked pair)              (beta and lr from a sweep)
+
+The SFT policy, the comparisons and the RM are the main job's, so its
+PPO-ptx is this one's; every RL method samples at temperature 1 with the
+main job's PPO learning rate. `evaluate` judges SFT and the four policies
+on the held-out prompts (temperature-1 samples and greedy, win rate against
+SFT, KL to SFT, each with its 95% interval over prompts, and the paired
+differences between methods): `eval.json`, `report.md`. The pretrained
+base and its few-shot variant are left out (the main job reports them).
 """
 import ml_collections
 
@@ -50,12 +63,7 @@ def get_config(arg: str = ""):
         c.grpo.train.update(dict(steps=c.ppo.train.steps, batch_size=8, lr=c.ppo.train.lr))
         c.grpo.algo.update(dict(group_size=8, epochs=c.ppo.algo.epochs,
                                 minibatches=c.ppo.algo.minibatches))
-        # DPO: 8 steps x 64 records at lr 1e-4, within the job's 20 minutes
-        # (3e-4 collapsed the policy; the lr and length runs: BENCHMARKS.md).
-        c.dpo.train.update(dict(steps=8, batch_size=64, lr=1e-4, warmup_steps=2, eval_every=8,
-                                checkpoint_every=8))
-        # The RM: the SFT network for 1 epoch, evaluated once at its end, so
-        # that the four methods fit 20 minutes (BENCHMARKS.md).
-        c.rm.expand_layers = 0
-        c.rm.train.update(dict(epochs=1.0, eval_every=1000))
+        # DPO: configs/dpo.py's one epoch (48 steps of 64 records), beta 0.1
+        # and lr 1e-4 (its sweep: BENCHMARKS.md), evaluated once at its end.
+        c.dpo.train.update(dict(warmup_steps=2, eval_every=1000, checkpoint_every=16))
     return c

@@ -210,7 +210,7 @@ def run(config, workdir: str, run_one: Callable):
     overrides = {f"policies.{k}": v for k, v in policies.items() if k in config.evaluate.policies}
     overrides.update({f"ppo_workdirs.{k}": v for k, v in runs.items()
                       if METHODS[k][0] == "ppo" and k in config.evaluate.ppo_workdirs})
-    overrides["report.notes"] = _notes(config, timings)
+    overrides["report.notes"] = _notes(config, timings, {"rm": rm, **runs})
     run_stage("evaluate", _stage_config(config, "evaluate", **overrides), stage_dir=workdir)
     _say(f"[pipeline] finished in {sum(timings.values()):.0f} s")
     print_results(workdir)
@@ -226,7 +226,7 @@ def print_results(workdir: str):
     _say(f"report: {os.path.join(workdir, 'report.md')}")
 
 
-def _notes(config, timings) -> str:
+def _notes(config, timings, stage_dirs: dict[str, str]) -> str:
     c = config
     scale = (f"Data scale: SFT {c.sft.train.steps} steps x {c.sft.train.batch_size} demonstrations; "
              f"{c.collect.comparisons.num_prompts} comparison prompts x "
@@ -238,7 +238,24 @@ def _notes(config, timings) -> str:
     if "dpo" in c and "dpo" in c.methods:
         scale += f"DPO {_epochs(c.dpo.train)} on the RM's comparisons (beta {c.dpo.algo.beta}). "
     stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    return scale + (f"Stage times: {stage_times}." if stage_times else "")
+    return scale + _ranking_accuracies(stage_dirs) + (
+        f"Stage times: {stage_times}." if stage_times else "")
+
+
+def _ranking_accuracies(stage_dirs: dict[str, str]) -> str:
+    """How often the RM's score, and DPO's implicit reward, order a pair of
+    the held-out comparisons as the gold labeler does (their last evaluation)."""
+    from rlhf_jax.metrics import read_metrics
+    found = []
+    for name, stage, what in (("rm", "rm", "the RM"), ("dpo", "dpo", "DPO's implicit reward")):
+        if name not in stage_dirs:
+            continue
+        rows = [r for r in read_metrics(stage_dirs[name], stage) if f"{stage}/gold_accuracy" in r]
+        if rows:
+            found.append(f"{what} {rows[-1][f'{stage}/gold_accuracy']:.3f}")
+    if not found:
+        return ""
+    return f"Gold accuracy on the held-out comparisons: {', '.join(found)}. "
 
 
 def _k(collect) -> int:

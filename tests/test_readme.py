@@ -56,6 +56,13 @@ AOT_COMPILE = ("python -m rlhf_jax.aot --config configs/sft.py --topology v5p-12
                "--config.model.matmul=bf16 --config.model.activations=bfloat16 "
                "--config.model.remat=True --config.model.scan_unroll=1 "
                "--config.data.max_len=2048 --config.train.batch_size=64 --json aot.jsonl")
+AOT_PPO = ("python -m rlhf_jax.aot --config configs/ppo.py --topology v5p-128 "
+           "--config.model.preset=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=-1 "
+           "--config.model.matmul=bf16 --config.model.activations=bfloat16 "
+           "--config.model.remat=True --config.model.scan_unroll=1 "
+           "--config.data.max_prompt_len=512 --config.sampling.max_new_tokens=512 "
+           "--config.data.max_len=1024 --config.train.batch_size=512 "
+           "--config.algo.minibatches=4 --config.data.ptx_batch_size=128 --json aot.jsonl")
 AOT_TABLE = "python -m rlhf_jax.aot --table_from aot.jsonl"
 
 CHECKED = {
@@ -71,6 +78,7 @@ CHECKED = {
     LOCAL: "runs in tests/test_launch.py with a workdir and overrides added",
     AOT_INSTALL: "the tpu extra is jax's own (the libtpu jax names)",
     AOT_COMPILE: "needs libtpu (tests/test_aot.py compiles where it is installed); its config loads",
+    AOT_PPO: "needs libtpu; its config loads (tests/test_aot.py checks a PPO run's console)",
     AOT_TABLE: "runs on the recorded compiles and prints README's table",
 }
 
@@ -324,21 +332,11 @@ def test_main_job_smollm2_and_launcher_commands_parse(user_dir):
         _check_parsed(parsed, argv, cwd)
 
 
-def test_aot_commands(user_dir):
-    """The install names the tpu extra; the compile command's topology is
-    known and its config overrides load (compiling needs libtpu, which
-    tests/test_aot.py uses where it is installed); the table command, run on
-    the recorded compiles, prints README's table."""
+def _config_overrides(command: str) -> dict:
+    """The `--config.KEY=VALUE` overrides of a command, values as Python reads them."""
     import ast
-    import shutil
-    from rlhf_jax import aot
-    from helpers import load_config
-    cwd, env = user_dir
-    assert '"tpu": ["jax[tpu]>=0.12,<0.13"]' in open(os.path.join(ROOT, "setup.py")).read()
-    words = shlex.split(AOT_COMPILE)
-    assert aot.topology(words[words.index("--topology") + 1]).chips == 64
     overrides = {}
-    for w in words:
+    for w in shlex.split(command):
         if w.startswith("--config."):
             key, value = w[len("--config."):].split("=", 1)
             try:
@@ -346,13 +344,34 @@ def test_aot_commands(user_dir):
             except (ValueError, SyntaxError):
                 pass
             overrides[key] = value
-    cfg = load_config("sft", "", **overrides)       # locked: an unknown key fails
-    assert cfg.model.preset == "llama3_8b" and cfg.data.max_len == 2048
-    shutil.copy(os.path.join(ROOT, "bench", "aot_sft_presets.jsonl"), cwd / "aot.jsonl")
-    r = _shell(AOT_TABLE, cwd, env, timeout=120)
-    table = [l for l in r.stdout.splitlines() if l.startswith("|")]
+    return overrides
+
+
+def test_aot_commands(user_dir):
+    """The install names the tpu extra; the compile commands' topology is
+    known and their config overrides load (compiling needs libtpu, which
+    tests/test_aot.py uses where it is installed); the table command, run on
+    the recorded compiles (SFT's, then PPO's), prints README's table."""
+    import shutil
+    from rlhf_jax import aot
+    from helpers import load_config
+    cwd, env = user_dir
+    assert '"tpu": ["jax[tpu]>=0.12,<0.13"]' in open(os.path.join(ROOT, "setup.py")).read()
+    for command, stage in ((AOT_COMPILE, "sft"), (AOT_PPO, "ppo")):
+        words = shlex.split(command)
+        assert aot.topology(words[words.index("--topology") + 1]).chips == 64
+        cfg = load_config(stage, "", **_config_overrides(command))  # locked: an unknown key fails
+        assert cfg.model.preset == "llama3_8b"
+    assert cfg.data.max_prompt_len == 512 and cfg.sampling.max_new_tokens == 512
     readme = open(README).read().splitlines()
-    assert len(table) >= 3 and all(l in readme for l in table), r.stdout
+    for records in ("aot_sft_presets.jsonl", "aot_ppo_presets.jsonl"):
+        shutil.copy(os.path.join(ROOT, "bench", records), cwd / "aot.jsonl")
+        r = _shell(AOT_TABLE, cwd, env, timeout=120)
+        table = [l for l in r.stdout.splitlines() if l.startswith("|")]
+        assert len(table) >= 3 and all(l in readme for l in table), r.stdout
+    # PPO's rows: both presets.
+    assert {m for m in ("llama3_8b", "llama3_70b") for l in table if f"| {m} | ppo |" in l} == \
+        {"llama3_8b", "llama3_70b"}, r.stdout
 
 
 def test_test_command_is_ci_run_and_its_pins_hold():

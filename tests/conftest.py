@@ -52,7 +52,7 @@ def _make_session_cache():
 _SESSION_CACHE = _make_session_cache()   # None in xdist workers: the controller's is inherited
 
 
-def pytest_configure(config):
+def _use_session_cache_if_jax_was_imported():
     import sys
     if "jax" in sys.modules and os.environ.get(_CACHE_DIR_ENV):
         # Imported before this file (a plugin): JAX read its settings already.
@@ -141,11 +141,21 @@ def micro_sft(shared_dir):
 # ---------------------------------------------------------------------------
 # README's command runs the files in two workers, each file whole on one
 # (--dist loadfile), handed out in collection order: a long file collected
-# late runs on alone at the end (on 2026-12-06 the suite took 951 s for 807 s
-# of work a worker). These files take the longest (--durations=0 of that
-# run, in seconds: 257, 205, 158, 155, 99); the others keep their order.
-LONGEST_FILES = ("test_pipeline.py", "test_ppo.py", "test_launch.py", "test_reliability.py",
-                 "test_rm.py")
+# late runs on alone at the end. pytest-xdist (3.x) reorders the files by
+# their number of tests unless told not to (--loadscope-reorder is on by
+# default), which put the one-test pipeline file last: on 2026-12-07 one
+# worker ran 622 s and the other 515. So the files go longest first, in this
+# order, and xdist keeps it (pytest_configure). Seconds in that run:
+# 141, 117, 115, 115, 87, 86, 54, 53, 49, 45, 43, 43; the others keep theirs.
+LONGEST_FILES = ("test_ppo.py", "test_launch.py", "test_pipeline.py", "test_reliability.py",
+                 "test_rm.py", "test_model.py", "test_sampling.py", "test_sft.py", "test_grpo.py",
+                 "test_pretrained.py", "test_checkpoint.py", "test_readme.py")
+
+
+def pytest_configure(config):
+    _use_session_cache_if_jax_was_imported()
+    if hasattr(config.option, "loadscopereorder"):      # pytest-xdist
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -11,8 +11,12 @@ show errors only, so a multi-process run does not print everything N times.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
+import tempfile
 
 from absl import logging as absl_logging
 
@@ -114,3 +118,38 @@ def eval_table(eval_json: dict) -> list[str]:
                                           for (key, _), w in zip(columns, widths))
             for name, m in policies.items()]
     return [header, *rows]
+
+
+@contextlib.contextmanager
+def stderr_held(verbose: bool = False):
+    """File descriptor 2 into a temporary file for the block, and dropped,
+    unless `verbose`; replayed on the real stderr when the block raises.
+
+    libtpu, started on a host without a TPU, writes its probe of the machine
+    from C++ straight to fd 2 before its logging is initialised (5 lines:
+    "could not determine TPU accelerator type", an E-line from
+    common_lib.cc, a source location trace), which TPU_MIN_LOG_LEVEL,
+    TPU_STDERR_LOG_LEVEL and TF_CPP_MIN_LOG_LEVEL do not silence (libtpu
+    0.0.50.1); the main job avoids it by leaving TPU out of JAX's platforms
+    (hostenv.skip_absent_tpu), which a compile for a TPU topology cannot.
+    Python's own stderr (warnings, absl) goes through fd 2 too."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            sys.stderr.flush()
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -5,7 +5,7 @@ import pytest
 
 from configs import ppo as ppo_config
 from configs import sft as sft_config
-from rlhf_jax import aot, aot_report
+from rlhf_jax import aot, aot_report, console, tpu_topology
 from rlhf_jax.models import presets
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax import sharding, train_state
@@ -16,16 +16,16 @@ GiB = aot.GiB
 
 
 def test_topology_names_follow_cloud_tpu():
-    t = aot.topology("v5p-128")          # TensorCores: 64 chips, a full 4x4x4 torus
+    t = tpu_topology.topology("v5p-128")          # TensorCores: 64 chips, a full 4x4x4 torus
     assert (t.topology_name, t.chips, t.chip_config_name, t.wrap, t.hbm_gib) == \
         ("v5:4x4x4", 64, "megacore", (True, True, True), 95.0)
-    t = aot.topology("v5e-256")          # chips
+    t = tpu_topology.topology("v5e-256")          # chips
     assert (t.topology_name, t.chips, t.wrap, t.hbm_gib) == \
         ("v5e:16x16", 256, (True, True, False), 16.0)
-    assert aot.topology("v4-8").topology_name == "v4:2x2x1"
+    assert tpu_topology.topology("v4-8").topology_name == "v4:2x2x1"
     for bad in ("v5p-6", "v9-8", "v5e"):
         with pytest.raises(ValueError, match="topology"):
-            aot.topology(bad)
+            tpu_topology.topology(bad)
 
 
 def _record(step, peak_gib, hbm=16.0, **kw):
@@ -96,14 +96,14 @@ def test_optimizer_state_is_sharded_like_the_params():
 
 
 needs_libtpu = pytest.mark.skipif(
-    aot.libtpu_version() is None,
+    tpu_topology.libtpu_version() is None,
     reason="libtpu is not installed (pip install -e '.[tpu]'); it compiles for TPU topologies")
 
 
 @needs_libtpu
 def test_compile_for_a_v5e_slice():
-    topo = aot.topology("v5e-4")
-    devices = aot.topology_devices(topo)
+    topo = tpu_topology.topology("v5e-4")
+    devices = tpu_topology.topology_devices(topo)
     assert len(devices) == 4 and devices[0].platform == "tpu"
     peaks = {}
     for batch in (32, 64):
@@ -124,7 +124,7 @@ def test_compile_ppo_steps_for_a_v4_slice():
     c = ppo_config.get_config("tiny")
     c.mesh.data, c.mesh.fsdp = 2, 2
     c.model.update(dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128))
-    records = aot.run(c, aot.topology("v4-8"))
+    records = aot.run(c, tpu_topology.topology("v4-8"))
     assert [r["step"] for r in records] == ["sample", "score", "update"]
     for r in records:   # the other models stay resident while each step runs
         assert r["other"] > 0 and r["peak"] == r["total"] + r["other"]
@@ -133,15 +133,15 @@ def test_compile_ppo_steps_for_a_v4_slice():
 def test_stderr_is_held_unless_verbose_and_replayed_on_an_error(capfd):
     # libtpu writes its start-up lines from C++ to fd 2: held at that level.
     import os
-    with aot.stderr_held():
+    with console.stderr_held():
         os.write(2, b"E0000 common_lib.cc:860] from C++\n")
     assert capfd.readouterr().err == ""
     with pytest.raises(RuntimeError, match="boom"):
-        with aot.stderr_held():
+        with console.stderr_held():
             os.write(2, b"what led to it\n")
             raise RuntimeError("boom")
     assert capfd.readouterr().err == "what led to it\n"
-    with aot.stderr_held(verbose=True):
+    with console.stderr_held(verbose=True):
         os.write(2, b"shown\n")
     assert capfd.readouterr().err == "shown\n"
 

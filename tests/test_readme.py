@@ -353,13 +353,13 @@ def test_aot_commands(user_dir):
     tests/test_aot.py uses where it is installed); the table command, run on
     the recorded compiles (SFT's, then PPO's), prints README's table."""
     import shutil
-    from rlhf_jax import aot
+    from rlhf_jax import tpu_topology
     from helpers import load_config
     cwd, env = user_dir
     assert '"tpu": ["jax[tpu]>=0.12,<0.13"]' in open(os.path.join(ROOT, "setup.py")).read()
     for command, stage in ((AOT_COMPILE, "sft"), (AOT_PPO, "ppo")):
         words = shlex.split(command)
-        assert aot.topology(words[words.index("--topology") + 1]).chips == 64
+        assert tpu_topology.topology(words[words.index("--topology") + 1]).chips == 64
         cfg = load_config(stage, "", **_config_overrides(command))  # locked: an unknown key fails
         assert cfg.model.preset == "llama3_8b"
     assert cfg.data.max_prompt_len == 512 and cfg.sampling.max_new_tokens == 512

@@ -40,11 +40,13 @@ def test_greedy_equals_stepwise_argmax_of_full_forward():
     model, params, tokens, mask = _setup()
     out = sample(model, params, tokens, mask, jax.random.PRNGKey(2), max_new_tokens=8,
                  eos_id=EOS, pad_id=PAD, greedy=True)
-    seq, am = tokens, mask
-    for _ in range(8):
-        nxt = jnp.argmax(_apply(model, params, seq, am)[:, -1], -1)
-        seq = jnp.concatenate([seq, nxt[:, None]], 1)
-        am = jnp.concatenate([am, jnp.ones((3, 1), jnp.int32)], 1)
+    # One width for every step (one compile): the causal forward's logits at
+    # the last real position do not see the unattended slots after it.
+    seq = jnp.concatenate([tokens, jnp.full((3, 8), PAD, tokens.dtype)], 1)
+    am = jnp.concatenate([mask, jnp.zeros((3, 8), mask.dtype)], 1)
+    for t in range(6, 14):
+        nxt = jnp.argmax(_apply(model, params, seq, am)[:, t - 1], -1)
+        seq, am = seq.at[:, t].set(nxt), am.at[:, t].set(1)
     np.testing.assert_array_equal(out.tokens, seq[:, 6:])
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from configs import ppo as ppo_config
 from configs import sft as sft_config
-from rlhf_jax import aot, aot_report, console, tpu_topology
+from rlhf_jax import aot, aot_report, tpu_topology
 from rlhf_jax.models import presets
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax import sharding, train_state
@@ -128,22 +128,6 @@ def test_compile_ppo_steps_for_a_v4_slice():
     assert [r["step"] for r in records] == ["sample", "score", "update"]
     for r in records:   # the other models stay resident while each step runs
         assert r["other"] > 0 and r["peak"] == r["total"] + r["other"]
-
-
-def test_stderr_is_held_unless_verbose_and_replayed_on_an_error(capfd):
-    # libtpu writes its start-up lines from C++ to fd 2: held at that level.
-    import os
-    with console.stderr_held():
-        os.write(2, b"E0000 common_lib.cc:860] from C++\n")
-    assert capfd.readouterr().err == ""
-    with pytest.raises(RuntimeError, match="boom"):
-        with console.stderr_held():
-            os.write(2, b"what led to it\n")
-            raise RuntimeError("boom")
-    assert capfd.readouterr().err == "what led to it\n"
-    with console.stderr_held(verbose=True):
-        os.write(2, b"shown\n")
-    assert capfd.readouterr().err == "shown\n"
 
 
 @needs_libtpu

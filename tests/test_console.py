@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT, cli_xla_flags, world_demos
 from rlhf_jax import console
 from rlhf_jax.stages import instructgpt
@@ -115,3 +117,18 @@ def test_a_file_gets_the_last_steps_bar_once(tmp_path, monkeypatch, capsys):
     lines = [line for line in err.splitlines() if line.startswith("rm:")]
     assert len(lines) == 3 and sum("100%" in line for line in lines) == 1, err
     assert "pairs/s=30" in lines[-1], lines[-1]
+
+
+def test_stderr_is_held_unless_verbose_and_replayed_on_an_error(capfd):
+    # libtpu writes its start-up lines from C++ to fd 2: held at that level.
+    with console.stderr_held():
+        os.write(2, b"E0000 common_lib.cc:860] from C++\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="boom"):
+        with console.stderr_held():
+            os.write(2, b"what led to it\n")
+            raise RuntimeError("boom")
+    assert capfd.readouterr().err == "what led to it\n"
+    with console.stderr_held(verbose=True):
+        os.write(2, b"shown\n")
+    assert capfd.readouterr().err == "shown\n"

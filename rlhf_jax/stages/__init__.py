@@ -9,27 +9,32 @@ judge the RM and PPO stages are handed here, for the gold metrics they log;
 they do not import the world. collect and evaluate are the world's own
 stages: their labelers and judgements are the world's.
 """
+import importlib
 import os
 import shutil
 
 from rlhf_jax import config_domains, workdir_lock, world
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages import (collect, demo_quality, dpo, evaluate, generate, grpo, instructgpt,
-                             ppo, rm, sft)
 
-STAGES = {
-    "pretrain": sft.run,
-    "sft": sft.run,
-    "rm": lambda config, workdir: rm.run(config, workdir, judge=world.gold_score),
-    "collect": collect.run,
-    "ppo": lambda config, workdir: ppo.run(config, workdir, judge=world.gold_score),
-    "grpo": lambda config, workdir: grpo.run(config, workdir, judge=world.gold_score),
-    "dpo": lambda config, workdir: dpo.run(config, workdir, judge=world.gold_score),
-    "evaluate": evaluate.run,
-    "generate": generate.run,
-    "pipeline": lambda config, workdir: instructgpt.run(config, workdir, run_one=run),
-    "demo_quality": lambda config, workdir: demo_quality.run(config, workdir, run_one=run),
-}
+# config.stage -> the module under rlhf_jax/stages/ whose `run` it calls. A
+# stage's module is imported when that stage runs (an SFT run does not load
+# evaluate's plotting or the other stages).
+STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "collect": "collect", "ppo": "ppo",
+          "grpo": "grpo", "dpo": "dpo", "evaluate": "evaluate", "generate": "generate",
+          "pipeline": "instructgpt", "demo_quality": "demo_quality"}
+# Stages handed the world's gold labeler (for their gold metrics), and the
+# stages that run other stages (through `run`, below).
+_JUDGED = ("rm", "ppo", "grpo", "dpo")
+_CHAINS = ("pipeline", "demo_quality")
+
+
+def _stage_run(stage: str):
+    module = importlib.import_module(f"rlhf_jax.stages.{STAGES[stage]}")
+    if stage in _JUDGED:
+        return lambda config, workdir: module.run(config, workdir, judge=world.gold_score)
+    if stage in _CHAINS:
+        return lambda config, workdir: module.run(config, workdir, run_one=run)
+    return module.run
 
 
 def run(config, workdir: str):
@@ -45,7 +50,7 @@ def run(config, workdir: str):
     created = not os.path.exists(workdir)
     try:
         with workdir_lock.held(workdir):
-            return STAGES[stage](config, workdir)
+            return _stage_run(stage)(config, workdir)
     except ConfigError:
         if created and os.path.isdir(workdir) and not os.listdir(workdir):
             shutil.rmtree(workdir, ignore_errors=True)

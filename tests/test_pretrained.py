@@ -293,6 +293,45 @@ def test_gguf_without_transformers(tmp_path, bpe):
     assert pretrained.build_tokenizer({"tokenizer": path}).eos_id == 2
 
 
+def test_gguf_file_reads_as_gguf_readers_does(tmp_path, bpe):
+    """rlhf_jax's GGUF reader gives the metadata and tensors `gguf.GGUFReader`
+    gives: every field's value, every tensor's name, ggml shape, type and
+    bytes (f32, f16, Q8_0 and Q4_1 rows), and the alignment the writer chose."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from rlhf_jax.models import gguf_format
+    model, params = _random_model(LLAMA)
+    save_pretrained(model, params, tmp_path / "hf")
+    path = write_gguf(str(tmp_path / "tiny.gguf"), "llama", str(tmp_path / "hf"), bpe, quantize=True)
+    w = gguf.GGUFWriter(str(tmp_path / "mixed.gguf"), "llama")
+    w.add_uint64("test.u64", 2**40 + 3)
+    w.add_int8("test.i8", -5)
+    w.add_bool("test.bool", True)
+    w.add_float64("test.f64", 0.1)
+    w.add_array("test.floats", [0.5, -1.25])
+    w.add_custom_alignment(64)
+    rows = np.random.RandomState(0).randn(4, 64).astype(np.float32)
+    w.add_tensor("half", rows.astype(np.float16))
+    w.add_tensor("q41", gguf.quants.quantize(rows, Q.Q4_1), raw_dtype=Q.Q4_1)
+    w.add_tensor("vec", rows[0])
+    for writer_step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file):
+        writer_step()
+    w.close()
+    for p in (path, str(tmp_path / "mixed.gguf")):
+        ours, ref = gguf_format._gguf_reader(p), gguf.GGUFReader(p)
+        assert set(ours.fields) == {k for k in ref.fields if not k.startswith("GGUF.")}
+        for key, field in ref.fields.items():
+            if not key.startswith("GGUF."):
+                assert ours.fields[key] == field.contents(), key
+        assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+        for a, b in zip(ours.tensors, ref.tensors):
+            assert a.shape == tuple(int(d) for d in b.shape) and a.tensor_type == b.tensor_type
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+            np.testing.assert_array_equal(a.data, b.data)
+    types = {t.tensor_type for t in gguf_format._gguf_reader(path).tensors}
+    assert {Q.F32, Q.Q8_0} <= types
+
+
 def test_unsupported_variants_fail_clearly(tmp_path):
     model, params = _random_model(LLAMA.replace(head="scalar"))
     with pytest.raises(PretrainedError, match="LM-head models only"):

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,27 +30,113 @@ _GGUF_LLAMA_NAMES = {
 
 
 def _gguf_reader(path: str):
-    """A GGUFReader (memory-mapped); the last one is kept, since parsing the
-    metadata of a large vocabulary takes seconds and weights and tokenizer are
-    usually read one after the other."""
+    """The file's metadata and its tensors (memory-mapped); the last file read
+    is kept, since weights and tokenizer are usually read one after the other."""
     st = os.stat(path)
     return _cached_reader(os.path.realpath(path), st.st_mtime_ns, st.st_size)
 
 
+class _GGUFTensor(NamedTuple):
+    name: str
+    shape: tuple            # ggml order: the fastest-varying dimension first
+    tensor_type: Any        # gguf.GGMLQuantizationType
+    data: np.ndarray        # numpy order; quantized types as their raw bytes per row
+
+
+class _GGUFFile(NamedTuple):
+    fields: dict            # metadata key -> value (arrays as lists)
+    tensors: list
+
+
+# GGUF metadata value types (gguf.GGUFValueType) with a fixed size, as struct
+# formats; 8 is a string (u64 length, UTF-8 bytes), 9 an array (item type, u64
+# count, items).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
 @functools.lru_cache(maxsize=1)
-def _cached_reader(path: str, mtime_ns: int, size: int):
+def _cached_reader(path: str, mtime_ns: int, size: int) -> _GGUFFile:
+    """Reads a little-endian GGUF file (versions 2 and 3): a header, the
+    metadata, the tensor infos, then the aligned tensor data
+    (github.com/ggml-org/ggml/blob/master/docs/gguf.md). `gguf.GGUFReader`
+    reads the same, but builds NumPy views of every string of the vocabulary
+    and merges: 5 s for SmolLM2's metadata, against 0.1 s here."""
     try:
-        import gguf
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
     except ImportError as e:  # pragma: no cover - gguf is a dependency
         raise PretrainedError("reading .gguf files needs the `gguf` package") from e
-    return gguf.GGUFReader(path)
+    data = np.memmap(path, mode="r")
+    buf = memoryview(data)
+    off = 0
+
+    def scalar(code):
+        nonlocal off
+        (out,) = struct.unpack_from("<" + code, buf, off)
+        off += struct.calcsize(code)
+        return out
+
+    def string():
+        nonlocal off
+        (n,) = struct.unpack_from("<Q", buf, off)
+        off += 8 + n
+        return str(buf[off - n:off], "utf-8", errors="replace")
+
+    def value(kind):
+        nonlocal off
+        if kind == _GGUF_STRING:
+            return string()
+        if kind == _GGUF_ARRAY:
+            item, count = scalar("I"), scalar("Q")
+            if item == _GGUF_STRING:
+                return [string() for _ in range(count)]
+            if item in _GGUF_SCALARS:
+                dtype = np.dtype("<" + _GGUF_SCALARS[item])
+                out = np.frombuffer(buf, dtype, count, off).tolist()
+                off += dtype.itemsize * count
+                return out
+            return [value(item) for _ in range(count)]
+        if kind not in _GGUF_SCALARS:
+            raise PretrainedError(f"{path}: GGUF metadata value type {kind} is not known")
+        return scalar(_GGUF_SCALARS[kind])
+
+    if bytes(buf[:4]) != b"GGUF":
+        raise PretrainedError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    off = 4
+    version = scalar("I")
+    if version not in (2, 3):
+        raise PretrainedError(f"{path}: GGUF version {version} is not supported (2 and 3 "
+                              "little-endian are)")
+    n_tensors, n_fields = scalar("Q"), scalar("Q")
+    fields = {}
+    for _ in range(n_fields):
+        key = string()
+        fields[key] = value(scalar("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = tuple(scalar("Q") for _ in range(scalar("I")))
+        infos.append((name, dims, GGMLQuantizationType(scalar("I")), scalar("Q")))
+    align = int(fields.get("general.alignment", 32))
+    start = -(-off // align) * align
+    plain = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+    tensors = []
+    for name, dims, kind, offset in infos:
+        shape, n = tuple(reversed(dims)), int(np.prod(dims))
+        if kind in plain:
+            dtype = plain[kind]
+        else:                         # blocks of quantized values, as bytes per row
+            block, size = GGML_QUANT_SIZES[kind]
+            dtype, n, shape = np.uint8, n * size // block, quant_shape_to_byte_shape(shape, kind)
+        array = np.ndarray((n,), dtype, data, start + offset).reshape(shape)
+        tensors.append(_GGUFTensor(name, dims, kind, array))
+    return _GGUFFile(fields, tensors)
 
 
 def _gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.fields.get(key, default)
 
 
 def _f32(x) -> float:

@@ -127,6 +127,39 @@ def prompts(setup: Setup, seed: int = 0, lengths=None, width: int = PROMPT_LEN):
     return toks, mask
 
 
+# The EOS workload: SMOL answering instructions, each row's sampling stopped
+# by its EOS and the batch's by its last (how PPO samples; `generate` stops
+# the same way when the model's EOS is set).
+INSTRUCTIONS = (
+    "What is the capital of France?", "Name a primary colour.", "What is 2 plus 2?",
+    "Say hello in Spanish.", "Name one planet.", "What colour is the sky on a clear day?",
+    "Give me a synonym for happy.", "What is the opposite of hot?", "Name a fruit that is yellow.",
+    "How many legs does a spider have?", "What do bees make?", "Name a day of the week.",
+    "What is the largest ocean?", "Spell the word cat backwards.", "Name an animal that can fly.",
+    "What is frozen water called?")
+EOS_NEW_TOKENS = 64
+
+
+def instruction_prompts(setup: Setup):
+    """INSTRUCTIONS in the model's chat format, left-padded: ids and mask."""
+    from rlhf_jax.tokenizer import encode_prompt
+    ids = [encode_prompt(setup.tokenizer, p) for p in INSTRUCTIONS]
+    width = max(map(len, ids))
+    toks = np.full((len(ids), width), setup.pad_id, np.int32)
+    mask = np.zeros_like(toks)
+    for i, x in enumerate(ids):
+        toks[i, width - len(x):], mask[i, width - len(x):] = x, 1
+    return toks, mask
+
+
+def tokens_through_eos(responses: np.ndarray, eos_id: int) -> np.ndarray:
+    """Each row's response tokens up to and including its first EOS (all of
+    them if it has none): what was sampled before the row stopped."""
+    hit = responses == eos_id
+    first = np.where(hit.any(1), hit.argmax(1) + 1, responses.shape[1])
+    return first
+
+
 # --- transformers side ------------------------------------------------------
 
 def hf_tokenizer(setup: Setup):

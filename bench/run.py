@@ -10,6 +10,10 @@ Sections (workload W and the configs of BENCH.md; medians after warm-up):
   sampler  rollout tokens/s: rlhf_jax.sampling.sample vs transformers `generate`
            (KV cache on), 16 prompts x 32 tokens, 32 new tokens, temperature 1,
            EOS never stops; TINY and SMOL.
+  sampler_eos  the same with EOS stopping each row and the batch (as PPO
+           samples): SMOL answering 16 instructions in its chat format, at
+           most 64 new tokens, temperature 1; SMOL only (TINY's random
+           weights rarely sample EOS).
   ppo      PPO iteration time (rollout + scoring + update, 1 and 4 epochs) with
            its rollout / update split: rlhf_jax.stages.ppo (sampler,
            score_rollout, ppo_update) vs TRL 1.12's `trl.experimental.ppo.PPOTrainer`
@@ -88,7 +92,7 @@ from rlhf_jax import train_state  # noqa: E402
 from rlhf_jax.stages import sft, ppo, rm  # noqa: E402
 from rlhf_jax.stages import policy_gradient as pg  # noqa: E402
 
-SECTIONS = ("sampler", "ppo", "rm", "flops", "compile")
+SECTIONS = ("sampler", "sampler_eos", "ppo", "rm", "flops", "compile")
 perf = time.perf_counter
 
 
@@ -144,6 +148,62 @@ def bench_sampler(s: C.Setup, precisions, warm, reps):
         r["ratio"] = r["ours_tokens_per_s"] / r["theirs_tokens_per_s"]
         log(f"sampler {s.name} {prec}: ours {r['ours_tokens_per_s']:.0f} tok/s, generate "
             f"{r['theirs_tokens_per_s']:.0f} tok/s, ratio {r['ratio']:.2f}")
+        out[prec] = r
+    del hf
+    C.free()
+    return out
+
+
+def bench_sampler_eos(s: C.Setup, precisions, warm, reps):
+    """The sampler with EOS stopping: SMOL's answers to C.INSTRUCTIONS at
+    temperature 1, at most C.EOS_NEW_TOKENS, each side stopping when every row
+    has sampled its EOS. The two sides draw different samples, so each call's
+    length differs: tokens/s is every timed call's tokens (through each row's
+    EOS) over their time, and the steps decoded are reported beside it."""
+    import torch
+    toks, mask = C.instruction_prompts(s)
+    width = toks.shape[1]
+    jt, jm = jnp.asarray(toks), jnp.asarray(mask)
+    tt, tm = torch.from_numpy(toks).long(), torch.from_numpy(mask).long()
+    hf = C.hf_causal_lm(s)
+    hf.generation_config.eos_token_id = s.eos_id
+    out = {}
+    for prec in precisions:
+        model = Transformer(C.with_precision(s.cfg, prec))
+        seeds = iter(range(1 << 30))
+        made = {"ours": [], "theirs": []}       # (tokens, steps) of each call
+
+        def ours():
+            o = sampling.sample(model, s.params, jt, jm, jax.random.PRNGKey(next(seeds)),
+                                max_new_tokens=C.EOS_NEW_TOKENS, eos_id=s.eos_id, pad_id=s.pad_id,
+                                temperature=1.0, stop_at_eos=True)
+            n = C.tokens_through_eos(np.asarray(o.tokens), s.eos_id)
+            assert (n == np.asarray(o.mask).sum(1)).all()
+            made["ours"].append((int(n.sum()), int(o.steps)))
+
+        def theirs():
+            torch.manual_seed(next(seeds))
+            with torch.no_grad(), C.torch_precision(prec):
+                o = hf.generate(input_ids=tt, attention_mask=tm, max_new_tokens=C.EOS_NEW_TOKENS,
+                                do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                use_cache=True, eos_token_id=s.eos_id, pad_token_id=s.pad_id)
+            resp = o[:, width:].numpy()
+            made["theirs"].append((int(C.tokens_through_eos(resp, s.eos_id).sum()),
+                                   resp.shape[1]))
+
+        t_ours = C.time_calls(ours, warm, reps)
+        t_theirs = C.time_calls(theirs, warm, reps)
+        r = {"ours_s": t_ours, "theirs_s": t_theirs, "new_tokens": C.EOS_NEW_TOKENS}
+        for side, times in (("ours", t_ours), ("theirs", t_theirs)):
+            timed = made[side][warm:]
+            r[f"{side}_tokens_per_s"] = sum(n for n, _ in timed) / sum(times)
+            r[f"{side}_tokens_per_call"] = sum(n for n, _ in timed) / len(timed)
+            r[f"{side}_steps_per_call"] = sum(k for _, k in timed) / len(timed)
+        r["ratio"] = r["ours_tokens_per_s"] / r["theirs_tokens_per_s"]
+        log(f"sampler (EOS stops) {s.name} {prec}: ours {r['ours_tokens_per_s']:.0f} tok/s "
+            f"({r['ours_steps_per_call']:.1f} steps a call), generate "
+            f"{r['theirs_tokens_per_s']:.0f} tok/s ({r['theirs_steps_per_call']:.1f} steps), "
+            f"ratio {r['ratio']:.2f}")
         out[prec] = r
     del hf
     C.free()
@@ -591,6 +651,12 @@ def table(res: dict) -> str:
         for prec, r in by_prec.items():
             rows.append(f"| sampler tokens/s | {name} | {prec} | {r['ours_tokens_per_s']:.0f} | "
                         f"{r['theirs_tokens_per_s']:.0f} (generate) | {r['ratio']:.2f} |")
+    for name, by_prec in res.get("sampler_eos", {}).items():
+        for prec, r in by_prec.items():
+            rows.append(f"| sampler tokens/s, EOS stops (steps a call) | {name} | {prec} | "
+                        f"{r['ours_tokens_per_s']:.0f} ({r['ours_steps_per_call']:.1f}) | "
+                        f"{r['theirs_tokens_per_s']:.0f} ({r['theirs_steps_per_call']:.1f}) "
+                        f"(generate) | {r['ratio']:.2f} |")
     for name, by_key in res.get("ppo", {}).items():
         for key, r in by_key.items():
             prec, ep = key.split("/")
@@ -652,7 +718,7 @@ def main(argv=None):
            "load_average_start": C.load_average(), "machine": C.machine()}
     res["threads"] = THREADS
     res["cpu_affinity"] = sorted(os.sched_getaffinity(0))
-    if any(x in only for x in ("sampler", "ppo", "rm")):
+    if any(x in only for x in ("sampler", "sampler_eos", "ppo", "rm")):
         res["torch_threads"] = _torch_threads()
     log(f"machine {res['machine']['cpu']}, {res['machine']['cores']} cores; torch threads "
         f"{res.get('torch_threads')}; load {res['load_average_start']}")
@@ -678,6 +744,10 @@ def main(argv=None):
             res.setdefault("sampler", {})[name] = bench_sampler(
                 setup(name), precisions, warm=2 if small else 1,
                 reps=(3 if q else 10) if small else (2 if q else 3))
+            save()
+        if "sampler_eos" in only and not small:
+            res.setdefault("sampler_eos", {})[name] = bench_sampler_eos(
+                setup(name), precisions, warm=1, reps=2 if q else 5)
             save()
         if "ppo" in only:
             res.setdefault("ppo", {})[name] = bench_ppo(

@@ -134,3 +134,20 @@ def test_floors_divide_the_work_by_the_peak_and_the_bandwidth():
     assert r["floor_s"] == pytest.approx(roofline.rm_step_flops(C.TINY, C.RM_PAIRS, C.RM_LEN) / 2e11)
     assert r["ours_ratio"] == pytest.approx(0.5)
     assert "| ppo | TINY | bf16/4ep |" in roofline.table(fl)
+
+
+def test_tokens_through_eos_counts_each_row_up_to_its_first_eos():
+    """The EOS workload's token count (bench/run.py:bench_sampler_eos), against a loop."""
+    rng = np.random.RandomState(0)
+    responses = rng.randint(0, 6, (32, 9))
+    eos = 5
+    expected = []
+    for row in responses:
+        n = len(row)
+        for t, token in enumerate(row):
+            if token == eos:
+                n = t + 1
+                break
+        expected.append(n)
+    assert min(expected) < 9 and max(expected) == 9      # rows with and without EOS
+    np.testing.assert_array_equal(C.tokens_through_eos(responses, eos), expected)

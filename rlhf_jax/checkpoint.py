@@ -33,7 +33,6 @@ from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -400,8 +399,7 @@ def graft_params(target, source):
 def restore_target(model: Transformer, runtime: sharding.Runtime):
     """(abstract params with their shardings, the shardings) of `model` on
     `runtime`: what a checkpoint restores into, without running init."""
-    abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
-                              jax.random.PRNGKey(0))
+    abstract = sharding.abstract_params(model)
     shardings = sharding.logical_shardings(abstract, runtime.mesh, runtime.rules)
     return sharding.abstract_like(sharding.strip_boxes(abstract), shardings), shardings
 

@@ -10,6 +10,7 @@ out_shardings=...)` creates each shard where it lives.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -118,10 +119,24 @@ def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> Any:
         is_leaf=lambda x: isinstance(x, P))
 
 
-def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args):
+@functools.lru_cache(maxsize=16)
+def abstract_params(model) -> Any:
+    """`model`'s params as `init` would make them (boxed with their logical
+    axes; shapes and dtypes only), from `jax.eval_shape`, kept per model (a
+    flax Module compares by its config): tracing a scanned model's init takes
+    about as long as compiling a small step, and a stage asks for it once per
+    checkpoint it reads or model it initialises. The tree is shared: read it,
+    do not change it."""
+    return jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+                          jax.random.PRNGKey(0))
+
+
+def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args, abstract=None):
     """Runs `init_fn(*args)` (returning boxed params) with every leaf created
-    directly in its sharding. Returns (unboxed params, their shardings)."""
-    abstract = jax.eval_shape(init_fn, *args)
+    directly in its sharding; `abstract`: its output's eval_shape, if known.
+    Returns (unboxed params, their shardings)."""
+    if abstract is None:
+        abstract = jax.eval_shape(init_fn, *args)
     shardings = logical_shardings(abstract, mesh, rules)
     with activation_sharding(mesh, rules):
         params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
@@ -196,7 +211,8 @@ class Runtime:
 
     def init_params(self, model, rng, seq_len: int = 8):
         example = jnp.zeros((1, seq_len), jnp.int32)
-        return sharded_init(lambda r: model.init(r, example)["params"], self.mesh, self.rules, rng)
+        return sharded_init(lambda r: model.init(r, example)["params"], self.mesh, self.rules, rng,
+                            abstract=abstract_params(model))
 
     def global_batch(self, batch: dict) -> dict:
         return to_global_batch(batch, self.mesh)

@@ -182,3 +182,33 @@ def test_a_damaged_init_from_is_moved_aside_and_its_pipeline_stage_runs_again(sa
     assert not instructgpt.finished(str(pipeline), "sft", stage_dir)
     assert not os.path.exists(pipeline / ".done" / "sft")
     assert "final checkpoint 2 is gone" in capsys.readouterr().out
+
+
+def test_restore_target_traces_init_once_per_model_config(monkeypatch):
+    """The abstract params a checkpoint restores into (sharding.abstract_params)
+    are those eval_shape gives, traced once per model config: a second model
+    with the same config reuses them, another config traces its own."""
+    import flax.linen as nn
+    from rlhf_jax import sharding
+    from rlhf_jax.models.transformer import ModelConfig, Transformer
+    cfg = ModelConfig(vocab_size=48, hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32,
+                      max_len=16)
+    traced = []
+    init = Transformer.init
+    monkeypatch.setattr(Transformer, "init", lambda self, *a, **k: traced.append(self.cfg)
+                        or init(self, *a, **k))
+    runtime = sharding.Runtime(load_config("sft", "tiny"))
+    sharding.abstract_params.cache_clear()
+    like, shardings = checkpoint.restore_target(Transformer(cfg), runtime)
+    checkpoint.restore_target(Transformer(cfg), runtime)
+    assert traced == [cfg]
+    other = cfg.replace(layers=3)
+    checkpoint.restore_target(Transformer(other), runtime)
+    assert traced == [cfg, other]
+    monkeypatch.undo()
+    fresh = jax.eval_shape(lambda r: nn.unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))
+                                              ["params"]), jax.random.PRNGKey(1))
+    assert jax.tree_util.tree_structure(like) == jax.tree_util.tree_structure(fresh)
+    for a, b, s in zip(jax.tree_util.tree_leaves(like), jax.tree_util.tree_leaves(fresh),
+                       jax.tree_util.tree_leaves(shardings)):
+        assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, s)

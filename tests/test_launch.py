@@ -85,7 +85,7 @@ def test_two_processes_equal_one_process_ppo(tmp_path, micro_sft):
     # the CLI is the SFT test's above.
     sft, rm = micro_sft["sft"], micro_sft["rm"]
     overrides = [f"--config.init_from={sft}", f"--config.reward_from={rm}",
-                 f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=3",
+                 f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=2",
                  "--config.train.batch_size=8", "--config.sampling.max_new_tokens=8",
                  "--config.data.ptx_batch_size=4", "--config.algo.ptx_coef=0.5",
                  "--config.train.lr=1e-3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
@@ -95,7 +95,7 @@ def test_two_processes_equal_one_process_ppo(tmp_path, micro_sft):
     for key in ("ppo/score_penalised", "ppo/pg_loss", "ppo/vf_loss", "ppo/ptx_loss", "ppo/kl"):
         one = _losses(str(tmp_path / "one"), "ppo", key)
         two = _losses(str(tmp_path / "two"), "ppo", key)
-        assert len(one) == 3
+        assert len(one) == 2
         np.testing.assert_allclose(two, one, atol=1e-4, rtol=1e-4, err_msg=key)
 
 

@@ -315,7 +315,8 @@ def test_python_reward_drives_ppo(sft_workdir, tmp_path):
     assert meta["reward_fn"] == "test_ppo:short_reward" and meta["reward_from"] == ""
     # The world's gold labeler as the reward: the rollouts' gold score is the score.
     cfg = _ppo_config(sft_workdir, **{"reward_from": "", "reward_fn": "world",
-                                      "train.steps": 1, "algo.ptx_coef": 0.0})
+                                      "train.steps": 1, "algo.ptx_coef": 0.0,
+                                      "train.batch_size": 16})     # the sampler compiled above
     stages.run(cfg, str(tmp_path / "gold"))
     (row,) = read_metrics(str(tmp_path / "gold"), "ppo")
     assert row["ppo/gold_score"] == pytest.approx(row["ppo/score"])

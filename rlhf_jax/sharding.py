@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,16 +131,23 @@ def abstract_params(model) -> Any:
                           jax.random.PRNGKey(0))
 
 
-def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args, abstract=None):
-    """Runs `init_fn(*args)` (returning boxed params) with every leaf created
-    directly in its sharding; `abstract`: its output's eval_shape, if known.
+@functools.lru_cache(maxsize=16)
+def _sharded_init_fn(model, mesh: Mesh, rules, seq_len: int):
+    """(jitted rng -> `model`'s unboxed params, created in their shardings;
+    the shardings), kept per model and mesh so that a second run in this
+    process calls the traced function again instead of tracing init anew."""
+    shardings = logical_shardings(abstract_params(model), mesh, rules)
+    example = jnp.zeros((1, seq_len), jnp.int32)
+    init = jax.jit(lambda r: nn.unbox(model.init(r, example)["params"]), out_shardings=shardings)
+    return init, shardings
+
+
+def sharded_init(model, mesh: Mesh, rules, rng, seq_len: int = 8):
+    """`model.init`'s params with every leaf created directly in its sharding.
     Returns (unboxed params, their shardings)."""
-    if abstract is None:
-        abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_shardings(abstract, mesh, rules)
+    init, shardings = _sharded_init_fn(model, mesh, rules, seq_len)
     with activation_sharding(mesh, rules):
-        params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-    return params, shardings
+        return init(rng), shardings
 
 
 @contextlib.contextmanager
@@ -210,9 +217,7 @@ class Runtime:
         return activation_sharding(self.mesh, self.rules)
 
     def init_params(self, model, rng, seq_len: int = 8):
-        example = jnp.zeros((1, seq_len), jnp.int32)
-        return sharded_init(lambda r: model.init(r, example)["params"], self.mesh, self.rules, rng,
-                            abstract=abstract_params(model))
+        return sharded_init(model, self.mesh, self.rules, rng, seq_len)
 
     def global_batch(self, batch: dict) -> dict:
         return to_global_batch(batch, self.mesh)

@@ -187,7 +187,8 @@ def test_a_damaged_init_from_is_moved_aside_and_its_pipeline_stage_runs_again(sa
 def test_restore_target_traces_init_once_per_model_config(monkeypatch):
     """The abstract params a checkpoint restores into (sharding.abstract_params)
     are those eval_shape gives, traced once per model config: a second model
-    with the same config reuses them, another config traces its own."""
+    with the same config reuses them, another config traces its own; so is
+    the jitted random init."""
     import flax.linen as nn
     from rlhf_jax import sharding
     from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -205,6 +206,12 @@ def test_restore_target_traces_init_once_per_model_config(monkeypatch):
     other = cfg.replace(layers=3)
     checkpoint.restore_target(Transformer(other), runtime)
     assert traced == [cfg, other]
+    # Random init (a new head, a model from scratch): traced once per model too.
+    sharding._sharded_init_fn.cache_clear()
+    first, _ = runtime.init_params(Transformer(cfg), jax.random.PRNGKey(3))
+    again, _ = runtime.init_params(Transformer(cfg), jax.random.PRNGKey(3))
+    assert traced == [cfg, other, cfg]
+    assert_trees_equal(first, again)
     monkeypatch.undo()
     fresh = jax.eval_shape(lambda r: nn.unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))
                                               ["params"]), jax.random.PRNGKey(1))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, jit_cache, sharding
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 
@@ -39,16 +39,23 @@ def join(params, train: TrainState) -> TrainState:
 
 def make_optimizer(t) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay over `t.steps` updates; no
-    weight decay on vectors (norm scales, biases)."""
-    steps = max(int(t.steps), 1)
-    warmup = min(int(t.warmup_steps), steps - 1) if steps > 1 else 0
+    weight decay on vectors (norm scales, biases). One object per schedule
+    in a process, so steps jitted with it are found again (jit_cache)."""
+    return _optimizer(int(t.steps), int(t.warmup_steps), t.lr, t.end_lr_ratio, t.grad_clip,
+                      t.b1, t.b2, t.weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(steps, warmup_steps, lr, end_lr_ratio, grad_clip, b1, b2, weight_decay):
+    steps = max(steps, 1)
+    warmup = min(warmup_steps, steps - 1) if steps > 1 else 0
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else t.lr, peak_value=t.lr, warmup_steps=warmup,
-        decay_steps=steps, end_value=t.lr * t.end_lr_ratio)
+        init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+        decay_steps=steps, end_value=lr * end_lr_ratio)
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
     return optax.chain(
-        optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+        optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
 
 
 def with_steps(t, steps: int, **fields) -> ml_collections.ConfigDict:
@@ -103,9 +110,9 @@ def compile_supervised(runtime: sharding.Runtime, cfg: ModelConfig, optimizer, t
     Call under `runtime.activations()`."""
     model = Transformer(cfg, deterministic=False)
     state, shardings = create_train_state(runtime, model, optimizer, seed, init_from, params)
-    step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
-                   in_shardings=(shardings, None), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    step = jit_cache.jit_partial(train_step, dict(model=model, optimizer=optimizer),
+                                 in_shardings=(shardings, None), out_shardings=(shardings, None),
+                                 donate_argnums=0)
     return state, shardings, step
 
 

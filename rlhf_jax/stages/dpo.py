@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, distributed, inference, loop, losses, rl, sharding, train_state
+from rlhf_jax import (checkpoint, distributed, inference, jit_cache, loop, losses, rl, sharding,
+                      train_state)
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
@@ -257,7 +258,7 @@ def eval_step(params, batch, *, model: Transformer, beta):
 def make_evaluator(runtime, model, eval_source, transform, batch_size, beta):
     """`evaluate(params)` over all of `eval_source` (a `WithRefLogps`, cut
     to the records evaluated): rm.ranking_evaluator on DPO's implicit rewards."""
-    step = jax.jit(functools.partial(eval_step, model=model, beta=beta))
+    step = jit_cache.jit_partial(eval_step, dict(model=model, beta=beta))
     return rm.ranking_evaluator(runtime, step, eval_source, transform, batch_size)
 
 

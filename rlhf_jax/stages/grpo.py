@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import (loop, packed_rollouts, rewards, rl, sampling, sharding,
+from rlhf_jax import (jit_cache, loop, packed_rollouts, rewards, rl, sampling, sharding,
                       train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
@@ -157,6 +157,22 @@ def check_config(config):
     pg.check_sampling(config.sampling, "GRPO")
 
 
+def group_rollouts(params, prompt_BxP, mask_BxP, rng, *, model, group_size, max_new_tokens,
+                   eos_id, pad_id, temperature):
+    """`group_size` sampled responses to each prompt, the groups' rows adjacent."""
+    return sampling.sample(model, params, jnp.repeat(prompt_BxP, group_size, axis=0),
+                           jnp.repeat(mask_BxP, group_size, axis=0), rng,
+                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                           temperature=temperature)
+
+
+def rm_group_scores(reward_params, prompt_BxP, out, packed, *, reward_model, hp):
+    """The RM's penalised score of each rollout, read on the packed rows."""
+    flat = packed_rollouts.flat_tokens(jnp.concatenate([prompt_BxP, out.tokens], axis=1),
+                                       hp.eos_id)
+    return pg.rm_scores(reward_model, reward_params, flat, packed, out.finished, hp)[1]
+
+
 def run(config, workdir: str, judge=None):
     """`judge`: the gold labeler (rlhf_jax.world.gold_score): the reward of
     `reward_fn=world`, and the rollouts' gold score (`grpo/gold_score`) when
@@ -198,29 +214,18 @@ def run(config, workdir: str, judge=None):
         state = GRPOState(step=jnp.int32(0), policy=policy)
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
-        @jax.jit
-        def rollout_fn(params, prompt_BxP, mask_BxP, rng):
-            return sampling.sample(model, params, jnp.repeat(prompt_BxP, g, axis=0),
-                                   jnp.repeat(mask_BxP, g, axis=0), rng, max_new_tokens=n,
-                                   eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                   temperature=hp.temperature)
-
+        rollout_fn = jit_cache.jit_partial(group_rollouts, dict(
+            model=model, group_size=g, max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            temperature=hp.temperature))
         if reward is None:
-            reward_params = roles_.reward_params
+            rm_score_fn = jit_cache.jit_partial(rm_group_scores,
+                                                dict(reward_model=reward_model, hp=hp))
 
-            @jax.jit
-            def rm_score_fn(prompt_BxP, out, packed):
-                flat = packed_rollouts.flat_tokens(
-                    jnp.concatenate([prompt_BxP, out.tokens], axis=1), hp.eos_id)
-                return pg.rm_scores(reward_model, reward_params, flat, packed, out.finished,
-                                    hp)[1]
-
-        score_fn = jax.jit(functools.partial(score_rollout, model=model, hp=hp))
-        update_fn = jax.jit(functools.partial(grpo_update, model=model, optimizer=optimizer,
-                                              hp=hp),
-                            in_shardings=(state_sh, None, None, None),
-                            out_shardings=(state_sh, None),
-                            donate_argnums=0)
+        score_fn = jit_cache.jit_partial(score_rollout, dict(model=model, hp=hp))
+        update_fn = jit_cache.jit_partial(
+            grpo_update, dict(model=model, optimizer=optimizer, hp=hp),
+            in_shardings=(state_sh, None, None, None), out_shardings=(state_sh, None),
+            donate_argnums=0)
         base_rng = jax.random.PRNGKey(config.seed + 23)
         gold = rewards.gold_scorer(config, prompt_loader, tok, judge, repeats=g)
         # With reward_fn=world the reward is the gold score itself.
@@ -241,7 +246,7 @@ def run(config, workdir: str, judge=None):
             packed, packed_mbs = pg.pack(prompts["mask"], out, idx,
                                          sharding.batch_devices(runtime.mesh))
             if reward is None:
-                scores = rm_score_fn(prompts["tokens"], out, packed)
+                scores = rm_score_fn(roles_.reward_params, prompts["tokens"], out, packed)
             else:
                 scores = reward(it, out.tokens)
             rollout, stats = score_fn(state.policy.params, ref_params, prompts["tokens"],

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import (loop, losses, packed_rollouts, rewards, rl, sampling, sharding,
+from rlhf_jax import (jit_cache, loop, losses, packed_rollouts, rewards, rl, sampling, sharding,
                       train_state)
 from rlhf_jax.data import preprocess
 from rlhf_jax.data import setup as data_setup
@@ -280,11 +280,11 @@ def jit_steps(models: Models, hp, policy_opt, value_opt, state_sh):
     """(score_fn, update_fn): `score_rollout` and the donated `ppo_update`,
     jitted as the stage runs them (and as `python -m rlhf_jax.aot`
     compiles them)."""
-    score_fn = jax.jit(functools.partial(score_rollout, models=models, hp=hp))
-    update_fn = jax.jit(functools.partial(ppo_update, models=models, policy_opt=policy_opt,
-                                          value_opt=value_opt, hp=hp),
-                        in_shardings=(state_sh, None, None, None, None, None),
-                        out_shardings=(state_sh, None), donate_argnums=0)
+    score_fn = jit_cache.jit_partial(score_rollout, dict(models=models, hp=hp))
+    update_fn = jit_cache.jit_partial(
+        ppo_update, dict(models=models, policy_opt=policy_opt, value_opt=value_opt, hp=hp),
+        in_shardings=(state_sh, None, None, None, None, None), out_shardings=(state_sh, None),
+        donate_argnums=0)
     return score_fn, update_fn
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, loop, losses, sharding, train_state
+from rlhf_jax import checkpoint, jit_cache, loop, losses, sharding, train_state
 from rlhf_jax.data import pipeline, preprocess
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.errors import ConfigError
@@ -211,7 +211,7 @@ def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batch
                    packer=pack):
     """The RM's `evaluate(params)` over at most `max_batches` batches of
     `eval_source`; `packer(batch)` lays out a batch's distinct responses (`pack`)."""
-    step = jax.jit(functools.partial(eval_step, model=model))
+    step = jit_cache.jit_partial(eval_step, dict(model=model))
     return ranking_evaluator(runtime, step, eval_source, transform, batch_size, max_batches, packer)
 
 
@@ -254,7 +254,7 @@ def _with_second_eval(evaluate, other, suffix: str):
 def make_bias_normalizer(runtime, model, demos_source, transform, batch_size: int):
     """`finalize(state)` for the Loop: shift the score head's bias so that the
     demonstrations (prompt + response + EOS) score mean 0."""
-    step = jax.jit(functools.partial(demo_score_sums, model=model))
+    step = jit_cache.jit_partial(demo_score_sums, dict(model=model))
 
     def mean_demo_score(params) -> float:
         total, count = 0.0, 0

@@ -15,7 +15,7 @@ import logging
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, loop, losses, sharding, train_state
+from rlhf_jax import checkpoint, jit_cache, loop, losses, sharding, train_state
 from rlhf_jax.data import pipeline, preprocess, sources
 from rlhf_jax.data import setup as data_setup
 from rlhf_jax.models import resolve
@@ -50,7 +50,7 @@ def eval_step(params, batch, *, model: Transformer):
 
 
 def make_evaluator(runtime, model, eval_source, transform, batch_size, max_batches):
-    step = jax.jit(functools.partial(eval_step, model=model))
+    step = jit_cache.jit_partial(eval_step, dict(model=model))
 
     def evaluate(params) -> dict:
         total, count = 0.0, 0.0

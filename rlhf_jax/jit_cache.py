@@ -13,6 +13,11 @@ Static arguments must compare by value: models (flax Modules compare by their
 config), FrozenConfigDicts, numbers, and optimizers from
 `train_state.make_optimizer` (made once per schedule). An unhashable one
 makes a fresh jitted function, as before.
+
+Like any jitted function, a kept one runs the code it traced: after changing
+a step's code (or a function it calls) in a running process, a notebook say,
+call `clear()`, which also forgets the models' traced `init`
+(`sharding.abstract_params`, the sharded init).
 """
 from __future__ import annotations
 
@@ -47,3 +52,11 @@ def jit_partial(fn, static: dict, **jit_options):
         return _cached(fn, tuple(sorted(static.items())), options, rules)
     except TypeError:              # an unhashable static argument
         return jax.jit(functools.partial(fn, **static), **jit_options)
+
+
+def clear():
+    """Forgets every kept function (and the traced model inits)."""
+    from rlhf_jax import sharding
+    _cached.cache_clear()
+    sharding.abstract_params.cache_clear()
+    sharding._sharded_init_fn.cache_clear()

@@ -76,6 +76,16 @@ def pytest_unconfigure(config):
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_jit_cache():
+    """Each test starts with no kept jitted steps (rlhf_jax/jit_cache.py): a
+    test that patches a function a step calls must trace it anew, and leave
+    nothing patched behind. Within a test (a run and its resume) they are kept."""
+    from rlhf_jax import jit_cache
+    jit_cache.clear()
+    yield
+
+
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory):
     """A directory this session's xdist workers share (each worker's basetemp

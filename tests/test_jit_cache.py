@@ -73,3 +73,7 @@ def test_a_second_run_of_a_stage_traces_its_steps_no_more(tmp_path, monkeypatch)
     b = checkpoint.load_saved_params(str(tmp_path / "b"))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
+    # After clear() (code changed in a running process) the steps are traced again.
+    jit_cache.clear()
+    stages.run(cfg, str(tmp_path / "c"))
+    assert traced == {"train": 2, "eval": 2}

@@ -151,10 +151,15 @@ def test_packed_update_losses_equal_the_padded_computation():
                           advantages=jnp.asarray(rng.normal(size=(B, N)), jnp.float32),
                           returns=jnp.asarray(rng.normal(size=(B, N)), jnp.float32))
     idx = np.array([[5, 0, 3, 6]])
+    # Responses of all N tokens were cut at the limit (rollout 3 among them).
     out = SimpleNamespace(tokens=jnp.asarray(tokens[:, P:]), mask=jnp.asarray(rmask),
-                          finished=jnp.ones((B,), bool))
-    _, packed = pg.pack(jnp.asarray(pmask), out, idx)
+                          finished=jnp.asarray(rlen < N))
+    scoring, packed = pg.pack(jnp.asarray(pmask), out, idx)
     assert packed.source.shape[1] < 4                    # the 4 rollouts share rows
+    # Scoring packs an EOS after each unfinished response (the RM reads its
+    # score there); the update reads no score and packs none.
+    assert int((scoring.segments > 0).sum()) == int((plen + rlen + (rlen == N)).sum())
+    assert int((packed.segments > 0).sum()) == int((plen + rlen)[idx[0]].sum())
     mb = jax.tree_util.tree_map(lambda x: x[idx[0]], rollout)
 
     def packed_loss(pp, vp):

@@ -68,7 +68,11 @@ def pack(prompt_mask_BxP, out, idx=None, multiple: int = 1):
     whole = packed_rollouts.pack_batch(lengths, p=p, n=n, multiple=multiple)
     if idx is None:
         return whole, None
-    return whole, packed_rollouts.pack(idx, lengths, p=p, n=n, multiple=multiple)
+    # The update reads no RM score, so an unfinished response needs no EOS
+    # packed after it: the minibatches are planned as if every response ended.
+    ended = lengths.copy()
+    ended[2] = 1
+    return whole, packed_rollouts.pack(idx, ended, p=p, n=n, multiple=multiple)
 
 
 def packed_shapes(shapes: set, packed: Packed, packed_mbs: Packed) -> int:

@@ -119,13 +119,6 @@ def _open(path: str):
     return cfg, src, used, None
 
 
-def _abstract_params(model: Transformer):
-    import jax
-    import jax.numpy as jnp
-    return jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"],
-                          jax.random.PRNGKey(0))
-
-
 def _check_unused(used, cfg: ModelConfig, path: str):
     left = [n for n in used.unused() if not _IGNORABLE.search(n)]
     if cfg.tie_embeddings:  # some exporters write the tied head anyway
@@ -139,7 +132,8 @@ def _leaves(path, model: Transformer, src: dict):
     """Yields (flat path, f32 numpy leaf) in the model's own tree, checked."""
     import flax.linen as nn
     from flax import traverse_util
-    abstract = traverse_util.flatten_dict(nn.unbox(_abstract_params(model)))
+    from rlhf_jax import sharding
+    abstract = traverse_util.flatten_dict(nn.unbox(sharding.abstract_params(model)))
     missing, extra = sorted(set(abstract) - set(src)), sorted(set(src) - set(abstract))
     if missing or extra:
         raise PretrainedError(f"{path}: parameter tree mismatch; missing {missing}, extra {extra}")
@@ -175,7 +169,8 @@ def load_pretrained(path, mesh=None, rules=None):
     else:
         from rlhf_jax import sharding
         shardings = traverse_util.flatten_dict(sharding.logical_shardings(
-            _abstract_params(model), mesh, rules if rules is not None else sharding.DEFAULT_RULES))
+            sharding.abstract_params(model), mesh,
+            rules if rules is not None else sharding.DEFAULT_RULES))
         params = {}
         for key, arr in _leaves(path, model, src):
             s = shardings[key]
